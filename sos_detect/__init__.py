@@ -1,0 +1,1 @@
+"""sos-detect: Stochastic Optimum Shifting for YOLO detectors and classifiers."""

@@ -1,0 +1,1 @@
+"""Classification companion: models, data, optimisers and the SOS training loop."""
