@@ -218,6 +218,8 @@ class ShiftReport:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["norm_ratio"] = self.norm_ratio
+        for layer in d["layers"]:
+            layer["out_change"] = layer["out_change_measured"]
         return d
 
     def format(self) -> str:
@@ -263,7 +265,7 @@ def restore(saved: list[tuple[Tensor, Tensor]]) -> None:
             t.copy_(copy)
 
 
-def solve_layers(
+def _solve_layers(
     named: Mapping[str, nn.Module], grams: Mapping[str, GramAccumulator], tau: float, rtol: float | None = None
 ) -> dict[str, tuple[Tensor, ShiftInfo]]:
     """Solve every layer's shift before anything is written (all or nothing)."""
@@ -279,7 +281,7 @@ def solve_layers(
     return solved
 
 
-def apply_solved(
+def _apply_solved(
     named: Mapping[str, nn.Module],
     grams: Mapping[str, GramAccumulator],
     solved: Mapping[str, tuple[Tensor, ShiftInfo]],
@@ -373,11 +375,13 @@ def shift_model(
     loss_fn: Callable[[nn.Module], float] | None = None,
     loss_tol: float | None = None,
     seed: int = 0,
+    sync: Callable[[dict[str, GramAccumulator]], None] | None = None,
 ) -> ShiftReport:
     """Capture features, solve and apply an optimum shift of `layers`, with rollback on failed checks.
 
     mode="guarded": min ‖V'‖ s.t. ‖A(V'−V)‖ ≤ τ‖AV‖ over all captured rows.
     mode="paper": τ = 0 on `rows` uniformly sampled rows (the paper's SOS; choose rows < width).
+    `sync`, if given, combines the captured Grams in place before solving (e.g. an all-reduce).
     """
     check_shift_options(mode, tau, rows, loss_tol)
     start = time.perf_counter()
@@ -388,7 +392,9 @@ def shift_model(
         with torch.no_grad():
             report.loss_before = float(loss_fn(model))
     grams = capture_grams(model, named, batches, rows=rows, forward=forward, seed=seed)
-    solved = solve_layers(named, grams, tau)
-    apply_solved(named, grams, solved, report, optimizer=optimizer, loss_fn=loss_fn, model=model, loss_tol=loss_tol)
+    if sync is not None:
+        sync(grams)
+    solved = _solve_layers(named, grams, tau)
+    _apply_solved(named, grams, solved, report, optimizer=optimizer, loss_fn=loss_fn, model=model, loss_tol=loss_tol)
     report.seconds = time.perf_counter() - start
     return report

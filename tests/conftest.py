@@ -1,13 +1,11 @@
 """Shared test set-up: offline Ultralytics, explicit CPU threads, small real fixtures."""
 
-import os
+from sos_detect.runtime import configure
 
-os.environ.setdefault("YOLO_OFFLINE", "1")
+configure()
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
-torch.set_num_threads(max(1, os.cpu_count() or 1))
 
 
 @pytest.fixture

@@ -1,0 +1,106 @@
+"""Post-hoc optimum shifting of a saved Ultralytics detector checkpoint."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sos_detect.detect.heads import detect_head
+from sos_detect.detect.shifting import build_capture_set, shift_detector
+from sos_detect.layers import ShiftReport
+
+
+def load_detector_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint dict whose 'ema' or 'model' is a YOLO detection model; errors name the file."""
+    from ultralytics.utils.patches import torch_load
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch_load(path, map_location="cpu")
+    except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad file
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: {err})") from err
+    models = [ckpt.get(k) for k in ("ema", "model")] if isinstance(ckpt, dict) else []
+    if not any(isinstance(m, torch.nn.Module) for m in models):
+        raise ValueError(f"{path}: no 'ema' or 'model' network in the checkpoint")
+    for m in models:
+        if isinstance(m, torch.nn.Module):
+            try:
+                detect_head(m)
+            except TypeError as err:
+                raise TypeError(f"{path}: {err}") from err
+    return ckpt
+
+
+def _hyp_namespace(model: torch.nn.Module, overrides: dict[str, Any]):
+    """Ultralytics args for the model's loss and the capture dataset, from defaults + stored args."""
+    from ultralytics.cfg import get_cfg
+    from ultralytics.utils import DEFAULT_CFG_DICT
+
+    stored = getattr(model, "args", {}) or {}
+    stored = stored if isinstance(stored, dict) else vars(stored)
+    merged = {k: v for k, v in stored.items() if k in DEFAULT_CFG_DICT}
+    return get_cfg(DEFAULT_CFG_DICT, {**merged, **overrides, "task": "detect", "mode": "train"})
+
+
+def shift_checkpoint(
+    weights: str | Path,
+    data: dict[str, Any],
+    out: str | Path,
+    *,
+    mode: str = "guarded",
+    tau: float = 1e-4,
+    rows: int | None = None,
+    images: int = 64,
+    heads: str = "box,cls",
+    loss_tol: float | None = None,
+    imgsz: int = 640,
+    batch: int = 16,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> tuple[dict[str, ShiftReport], Path | None]:
+    """Shift the stored network(s) of `weights` and write `out` atomically (only if every shift applied).
+
+    Returns the reports per stored network ('ema' and/or 'model') and the written path (None when a
+    shift was rolled back, in which case nothing is written).
+    """
+    ckpt = load_detector_checkpoint(weights)
+    device = torch.device(device)
+    out = Path(out)
+    new = dict(ckpt)
+    reports: dict[str, ShiftReport] = {}
+    capture = None
+    for key in ("ema", "model"):
+        stored = ckpt.get(key)
+        if not isinstance(stored, torch.nn.Module):
+            continue
+        model = copy.deepcopy(stored).float().to(device)
+        args = _hyp_namespace(model, {"imgsz": imgsz, "batch": batch})
+        model.args = args
+        if capture is None:
+            stride = max(int(model.stride.max()), 32)
+            capture = build_capture_set(args, data, stride, batch)
+        batches = capture.sample(images, seed)
+        reports[key] = shift_detector(
+            model, batches, device=device, heads=heads, mode=mode, tau=tau, rows=rows, loss_tol=loss_tol, seed=seed
+        )
+        model.args = dict(vars(args))
+        model.criterion = None
+        new[key] = model.cpu().half()
+    if not all(r.applied for r in reports.values()):
+        return reports, None
+    new["optimizer"] = None  # first moments belong to pre-shift weights; a shifted checkpoint is final
+    new["sos_shift"] = {k: r.to_dict() for k, r in reports.items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        torch.save(new, tmp)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return reports, out

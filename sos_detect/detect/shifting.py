@@ -1,0 +1,142 @@
+"""Optimum shifting of a YOLO detector's heads: the capture set, the detection loss, DDP agreement."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from sos_detect.detect.heads import detect_head_layers
+from sos_detect.layers import FIRST_MOMENTS, ShiftReport, shift_model
+from sos_detect.shift import GramAccumulator
+
+
+class CaptureSet:
+    """Training images letterboxed at imgsz without augmentation; a fresh seeded sample per shift.
+
+    `dataset` is an Ultralytics YOLODataset built with augment=False, rect=False (LetterBox only).
+    """
+
+    def __init__(self, dataset: Any, batch_size: int = 16) -> None:
+        if len(dataset) == 0:
+            raise ValueError("the capture set has no images")
+        self.dataset = dataset
+        self.batch_size = max(1, int(batch_size))
+
+    def sample(self, n_images: int, seed: int, rank: int = 0, world_size: int = 1) -> list[dict[str, Any]]:
+        """Collated batches of `n_images` images drawn without replacement; this rank's share under DDP."""
+        n = min(int(n_images), len(self.dataset))
+        idx = np.random.default_rng(seed).choice(len(self.dataset), size=n, replace=False)[rank::world_size]
+        items = [self.dataset[int(i)] for i in sorted(idx)]
+        return [self.dataset.collate_fn(items[i : i + self.batch_size]) for i in range(0, len(items), self.batch_size)]
+
+
+def build_capture_set(args: Any, data: dict, stride: int, batch_size: int) -> CaptureSet:
+    """The capture set over data['train'] at args.imgsz (val-mode transforms: LetterBox only)."""
+    from ultralytics.data import build_yolo_dataset
+
+    dataset = build_yolo_dataset(args, data["train"], batch_size, data, mode="val", rect=False, stride=stride)
+    return CaptureSet(dataset, batch_size)
+
+
+def images_forward(device: torch.device):
+    """forward(model, batch) on the batch's uint8 images scaled to [0, 1] on `device`."""
+
+    def forward(model: nn.Module, batch: dict[str, Any]) -> Any:
+        return model(batch["img"].to(device).float() / 255)
+
+    return forward
+
+
+def detection_loss(batches: list[dict[str, Any]], device: torch.device):
+    """loss_fn(model): the Ultralytics detection loss per image over `batches`, model in eval mode."""
+
+    def loss_fn(model: nn.Module) -> float:
+        modes = {m: m.training for m in model.modules()}
+        model.eval()
+        total, count = 0.0, 0
+        try:
+            for batch in batches:
+                b = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                b["img"] = b["img"].float() / 255
+                loss, _ = model.loss(b)
+                total += float(loss.sum())
+                count += b["img"].shape[0]
+        finally:
+            for m, training in modes.items():
+                m.training = training
+        return total / max(count, 1)
+
+    return loss_fn
+
+
+def _ddp() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_grams(grams: Mapping[str, GramAccumulator]) -> None:
+    """Sum every Gram and row count over all processes (G is a sum over rows)."""
+    for acc in grams.values():
+        gram = acc.gram.clone()
+        rows = torch.tensor([float(acc.rows)], dtype=torch.float64, device=gram.device)
+        dist.all_reduce(gram)
+        dist.all_reduce(rows)
+        acc.gram, acc.rows = gram, int(rows.item())
+
+
+def broadcast_shifted(layers: Mapping[str, nn.Module], optimizer: torch.optim.Optimizer | None) -> None:
+    """Make every rank hold rank 0's shifted weights and first-moment buffers, bit for bit."""
+    with torch.no_grad():
+        for layer in layers.values():
+            dist.broadcast(layer.weight.data, src=0)
+            if optimizer is not None:
+                for key in FIRST_MOMENTS:
+                    buf = optimizer.state.get(layer.weight, {}).get(key)
+                    if isinstance(buf, torch.Tensor):
+                        dist.broadcast(buf, src=0)
+
+
+def shift_detector(
+    model: nn.Module,
+    batches: list[dict[str, Any]],
+    *,
+    device: torch.device,
+    heads: str = "box,cls",
+    mode: str = "guarded",
+    tau: float = 1e-4,
+    rows: int | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    loss_tol: float | None = None,
+    seed: int = 0,
+) -> ShiftReport:
+    """Shift the head convs of one detector (a training model or its EMA) on the capture batches.
+
+    Under torch.distributed the Grams are all-reduced before solving and rank 0's result is broadcast,
+    so all ranks end with identical tensors.
+    """
+    layers = detect_head_layers(model, heads)
+    ddp = _ddp()
+    if ddp and rows:
+        rows = math.ceil(rows / dist.get_world_size())  # each rank samples its share of the b rows
+    report = shift_model(
+        model,
+        layers,
+        batches,
+        mode=mode,
+        tau=tau,
+        rows=rows,
+        forward=images_forward(device),
+        optimizer=optimizer,
+        loss_fn=detection_loss(batches, device) if loss_tol is not None else None,
+        loss_tol=loss_tol,
+        seed=seed,
+        sync=all_reduce_grams if ddp else None,
+    )
+    if ddp:
+        broadcast_shifted(layers, optimizer)
+    return report

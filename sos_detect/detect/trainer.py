@@ -1,0 +1,162 @@
+"""SOSDetectionTrainer: Ultralytics' DetectionTrainer with periodic optimum shifting of the head convs."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from typing import Any
+
+from ultralytics.cfg import cfg2dict
+from ultralytics.models.yolo.detect import DetectionTrainer
+from ultralytics.utils import DEFAULT_CFG, LOGGER, RANK, IterableSimpleNamespace
+from ultralytics.utils.torch_utils import unwrap_model
+
+from sos_detect.detect.heads import parse_heads
+from sos_detect.detect.shifting import CaptureSet, build_capture_set, shift_detector
+from sos_detect.layers import ShiftReport, check_shift_options
+
+SOS_DEFAULTS: dict[str, Any] = {
+    "sos": True,  # shift at all (False: a baseline run that differs only in SOS)
+    "sos_mode": "guarded",  # guarded (output-change budget τ) | paper (τ = 0 on sos_rows sampled rows)
+    "sos_tau": 1e-4,  # guarded budget: ‖A(V'−V)‖ ≤ τ‖AV‖ on the capture set
+    "sos_rows": None,  # paper mode: rows b sampled per layer (b < layer width)
+    "sos_images": 64,  # capture-set size: training images per shift, letterboxed, no augmentation
+    "sos_every": 1,  # shift every this many epochs
+    "sos_start": None,  # 0-based first epoch after which a shift may happen (default: ceil(warmup_epochs))
+    "sos_final": True,  # shift after the final epoch too, before the last validation and checkpoint
+    "sos_heads": "box,cls",  # which head convs: box (cv2[i][-1]), cls (cv3[i][-1])
+    "sos_loss_tol": None,  # roll back a shift whose capture-set loss rises by more than this fraction
+}
+SOS_COLUMNS = ("sos/shifted", "sos/norm_ratio", "sos/ema_norm_ratio", "sos/out_change", "sos/seconds")
+
+
+def check_sos_args(args: Any) -> None:
+    """Validate the sos_* options in an args namespace; errors name the option."""
+    for key in ("sos_images", "sos_every"):
+        value = getattr(args, key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{key} must be a positive integer, got {value!r}")
+    if args.sos_start is not None and (not isinstance(args.sos_start, int) or args.sos_start < 0):
+        raise ValueError(f"sos_start must be an integer >= 0, got {args.sos_start!r}")
+    parse_heads(args.sos_heads)
+    try:
+        check_shift_options(args.sos_mode, args.sos_tau, args.sos_rows, args.sos_loss_tol)
+    except ValueError as err:
+        msg = str(err).replace("mode", "sos_mode", 1).replace("tau", "sos_tau").replace("rows", "sos_rows")
+        raise ValueError(msg.replace("loss_tol", "sos_loss_tol")) from err
+
+
+class SOSDetectionTrainer(DetectionTrainer):
+    """DetectionTrainer that shifts the head's 1×1 output convs of the model *and* its EMA at epoch ends.
+
+    Options are `sos_*` keys in `self.args` (see SOS_DEFAULTS), so they survive DDP re-spawn and resume.
+    A shift runs at the end of epoch e (0-based) when e ≥ sos_start and (e − sos_start) % sos_every == 0,
+    and after the final epoch when sos_final; it precedes that epoch's validation and checkpoint.
+    """
+
+    def __init__(self, cfg=DEFAULT_CFG, overrides: dict | None = None, _callbacks: dict | None = None):
+        super().__init__({**SOS_DEFAULTS, **cfg2dict(cfg)}, overrides, _callbacks)
+        check_sos_args(self.args)
+        self._capture: CaptureSet | None = None
+        self._sos_row = self._empty_row()
+
+    # -- Ultralytics extension points --------------------------------------------------------------
+    def get_validator(self):
+        """The stock validator, built from args without the sos_* keys (its own arg check rejects them)."""
+        with self._plain_args():
+            return super().get_validator()
+
+    def run_callbacks(self, event: str):
+        """Shift at the epoch end, before validation and saving (a method, so it survives DDP re-spawn)."""
+        if event == "on_train_epoch_end" and self._shift_due(self.epoch):
+            self.sos_shift(self.epoch)
+        super().run_callbacks(event)
+
+    def save_metrics(self, metrics: dict):
+        """results.csv with the sos/ columns (constant across epochs; zeros where no shift ran)."""
+        super().save_metrics({**metrics, **self._sos_row})
+        self._sos_row = self._empty_row()
+
+    # -- SOS -----------------------------------------------------------------------------------------
+    @property
+    def sos_start(self) -> int:
+        start = self.args.sos_start
+        return math.ceil(self.args.warmup_epochs) if start is None else int(start)
+
+    def _shift_due(self, epoch: int) -> bool:
+        if not self.args.sos:
+            return False
+        scheduled = epoch >= self.sos_start and (epoch - self.sos_start) % self.args.sos_every == 0
+        return scheduled or (self.args.sos_final and epoch + 1 >= self.epochs)
+
+    def sos_shift(self, epoch: int) -> dict[str, ShiftReport]:
+        """Shift the model (with its optimiser state) and the EMA, each on its own features."""
+        start = time.perf_counter()
+        if self._capture is None:
+            stride = max(int(unwrap_model(self.model).stride.max()), 32)
+            with self._plain_args():
+                self._capture = build_capture_set(self.args, self.data, stride, self.batch_size)
+        world = max(self.world_size, 1)
+        batches = self._capture.sample(self.args.sos_images, self.args.seed + epoch, max(RANK, 0), world)
+        targets = {"model": (unwrap_model(self.model), self.optimizer), "ema": (self.ema.ema, None)}
+        reports = {}
+        for name, (model, optimizer) in targets.items():
+            reports[name] = shift_detector(
+                model,
+                batches,
+                device=self.device,
+                heads=self.args.sos_heads,
+                mode=self.args.sos_mode,
+                tau=self.args.sos_tau,
+                rows=self.args.sos_rows,
+                optimizer=optimizer,
+                loss_tol=self.args.sos_loss_tol,
+                seed=self.args.seed + epoch,
+            )
+        seconds = time.perf_counter() - start
+        self._sos_row = {
+            "sos/shifted": float(all(r.applied for r in reports.values())),
+            "sos/norm_ratio": reports["model"].norm_ratio if reports["model"].applied else 1.0,
+            "sos/ema_norm_ratio": reports["ema"].norm_ratio if reports["ema"].applied else 1.0,
+            "sos/out_change": max(r.max_out_change for r in reports.values() if r.applied)
+            if any(r.applied for r in reports.values())
+            else 0.0,
+            "sos/seconds": seconds,
+        }
+        if RANK in {-1, 0}:
+            self._log_shift(epoch, reports)
+        return reports
+
+    def _log_shift(self, epoch: int, reports: dict[str, ShiftReport]) -> None:
+        with open(self.save_dir / "sos_log.jsonl", "a", encoding="utf-8") as f:
+            for target, report in reports.items():
+                entry = {"epoch": epoch + 1, "target": target, **report.to_dict()}
+                f.write(json.dumps(entry) + "\n")
+        for target, report in reports.items():
+            LOGGER.info(
+                f"SOS epoch {epoch + 1} {target}: norm ratio {report.norm_ratio:.4f}, "
+                f"max output change {report.max_out_change:.2e}, "
+                f"{'applied' if report.applied else 'rolled back: ' + report.reason}"
+            )
+
+    @staticmethod
+    def _empty_row() -> dict[str, float]:
+        return {
+            "sos/shifted": 0.0,
+            "sos/norm_ratio": 1.0,
+            "sos/ema_norm_ratio": 1.0,
+            "sos/out_change": 0.0,
+            "sos/seconds": 0.0,
+        }
+
+    @contextlib.contextmanager
+    def _plain_args(self):
+        """Temporarily hide the sos_* keys from code that re-checks args against Ultralytics' defaults."""
+        full = self.args
+        self.args = IterableSimpleNamespace(**{k: v for k, v in vars(full).items() if k not in SOS_DEFAULTS})
+        try:
+            yield
+        finally:
+            self.args = full

@@ -1,0 +1,135 @@
+"""The `sos-detect` CLI as a user runs it: real processes, the shipped trained checkpoint, bad input."""
+
+import hashlib
+import json
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from ultralytics import YOLO
+from ultralytics.nn.tasks import ClassificationModel
+from ultralytics.utils.patches import torch_load
+
+from sos_detect.detect.embedded import EMBEDDED_YAML, REPO_ROOT
+from sos_detect.detect.heads import detect_head_layers
+
+CKPT = REPO_ROOT / "data" / "checkpoints" / "yolov5n-trees.pt"
+
+
+def cli(*args, timeout=600):
+    return subprocess.run(
+        [sys.executable, "-m", "sos_detect.cli", *map(str, args)], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def sha(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def map50(text: str, label: str) -> float:
+    return float(re.search(rf"{label}\s*mAP50 ([0-9.]+)", text).group(1))
+
+
+def test_val_reproduces_the_checkpoints_own_metrics():
+    res = cli("val", "--weights", CKPT, "--imgsz", 320, "--device", "cpu")
+    assert res.returncode == 0, res.stderr
+    printed = float(re.search(r"mAP50 ([0-9.]+)", res.stdout).group(1))
+    stored = torch_load(CKPT, map_location="cpu")["train_metrics"]["metrics/mAP50(B)"]
+    assert stored > 0.02  # a real, if small, detector
+    assert printed == pytest.approx(stored, abs=0.01)
+
+
+def test_shift_writes_a_loadable_checkpoint_and_keeps_map(tmp_path):
+    before_hash = sha(CKPT)
+    out = tmp_path / "shifted.pt"
+    res = cli("shift", "--weights", CKPT, "--out", out, "--imgsz", 320, "--device", "cpu", "--sos-tau", "1e-4")
+    assert res.returncode == 0, res.stderr
+    assert sha(CKPT) == before_hash  # input untouched
+    assert "box.0" in res.stdout and "cls.2" in res.stdout
+    before, after = map50(res.stdout, "before:"), map50(res.stdout, "after:")
+    assert abs(after - before) <= 0.01
+    # independent: the written file loads, validates to the printed figure, and its heads are smaller
+    metrics = YOLO(str(out)).val(data=str(EMBEDDED_YAML), imgsz=320, device="cpu", plots=False, verbose=False)
+    assert float(metrics.box.map50) == pytest.approx(after, abs=1e-4)
+
+    def norm(path):
+        ckpt = torch_load(path, map_location="cpu")
+        model = ckpt.get("ema") or ckpt["model"]
+        return sum(float(m.weight.float().norm()) ** 2 for m in detect_head_layers(model).values())
+
+    assert norm(out) < norm(CKPT)
+
+
+def one_line_error(res, *needles):
+    assert res.returncode != 0
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_missing_data_yaml(tmp_path):
+    res = cli("train", "--data", tmp_path / "nope.yaml", "--project", tmp_path, "--epochs", 1)
+    one_line_error(res, "nope.yaml", "not found")
+    assert not any(tmp_path.rglob("*.pt"))
+
+
+def test_data_yaml_with_missing_images(tmp_path):
+    yaml = tmp_path / "d.yaml"
+    yaml.write_text(f"path: {tmp_path}\ntrain: images/train\nval: images/val\nnames:\n  0: Tree\n")
+    res = cli("train", "--data", yaml, "--project", tmp_path, "--epochs", 1)
+    one_line_error(res, "d.yaml", "images")
+    assert not (tmp_path / "train").exists()
+
+
+def test_corrupt_label_line(tmp_path):
+    root = tmp_path / "trees"
+    shutil.copytree(REPO_ROOT / "data" / "deepforest", root, ignore=shutil.ignore_patterns("*.cache"))
+    label = sorted((root / "labels" / "train").glob("*.txt"))[3]
+    label.write_text(label.read_text() + "0 0.5 0.5 oops 0.1\n")
+    yaml = tmp_path / "d.yaml"
+    yaml.write_text(f"path: {root}\ntrain: images/train\nval: images/val\nnames:\n  0: Tree\n")
+    res = cli("train", "--data", yaml, "--project", tmp_path / "runs", "--epochs", 1)
+    one_line_error(res, label.name, "non-numeric")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_checkpoint_without_detect_head(tmp_path):
+    bad = tmp_path / "cls.pt"
+    torch.save({"model": ClassificationModel("yolov8n-cls.yaml", nc=2, verbose=False).half()}, bad)
+    before = sha(bad)
+    res = cli("shift", "--weights", bad, "--out", tmp_path / "out.pt")
+    one_line_error(res, "cls.pt", "Detect head")
+    assert not (tmp_path / "out.pt").exists() and sha(bad) == before
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [(["--sos-tau", "-1"], "sos_tau"), (["--sos-mode", "paper"], "sos_rows"), (["--sos-every", "0"], "sos_every")],
+)
+def test_bad_sos_options(tmp_path, args, needle):
+    res = cli("train", "--project", tmp_path, "--epochs", 1, *args)
+    one_line_error(res, needle)
+    assert not any(tmp_path.iterdir())
+
+
+def test_shift_bad_option_writes_nothing(tmp_path):
+    res = cli("shift", "--weights", CKPT, "--out", tmp_path / "o.pt", "--sos-tau", "-1")
+    one_line_error(res, "tau")
+    assert not (tmp_path / "o.pt").exists()
+
+
+def test_val_voc07_and_pycocotools_agree_with_ultralytics(tmp_path):
+    res = cli("val", "--weights", CKPT, "--imgsz", 320, "--device", "cpu", "--voc07", "--coco", "--out", tmp_path)
+    assert res.returncode == 0, res.stderr
+    ultra = float(re.search(r"mAP50 ([0-9.]+)\s+mAP50-95", res.stdout).group(1))
+    coco = float(re.search(r"pycocotools AP50 ([0-9.]+)", res.stdout).group(1))
+    voc07 = float(re.search(r"VOC07 11-point mAP50 ([0-9.]+)", res.stdout).group(1))
+    assert coco == pytest.approx(ultra, abs=0.02)  # both 101-point AP at IoU 0.5; predictions made separately
+    assert 0 < voc07 <= 1
+    gt = json.loads((tmp_path / "gt_coco.json").read_text())
+    assert len(gt["images"]) == 9 and len(gt["annotations"]) == 231
+    assert json.loads((tmp_path / "predictions.json").read_text())

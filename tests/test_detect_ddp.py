@@ -1,0 +1,84 @@
+"""Two real processes under torch.distributed (gloo, CPU): every rank ends with identical shifted tensors."""
+
+import subprocess
+import sys
+import textwrap
+
+import torch
+
+WORKER = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+
+    from sos_detect.runtime import configure
+
+    configure(1)
+    import torch
+    import torch.distributed as dist
+    from ultralytics.cfg import get_cfg
+    from ultralytics.nn.tasks import DetectionModel
+
+    from sos_detect.detect.data import load_data
+    from sos_detect.detect.heads import detect_head_layers
+    from sos_detect.detect.shifting import build_capture_set, shift_detector
+
+    out = Path(sys.argv[1])
+    world = int(sys.argv[2])
+    if world > 1:
+        dist.init_process_group("gloo")
+    rank = dist.get_rank() if world > 1 else 0
+    torch.manual_seed(0)
+    model = DetectionModel("yolov5n.yaml", nc=1, verbose=False)
+    heads = detect_head_layers(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p) * 1e-3
+    opt.step()
+    g = torch.Generator().manual_seed(100 + rank)  # rank-dependent momentum: only a broadcast makes it agree
+    for m in heads.values():
+        opt.state[m.weight]["momentum_buffer"].add_(torch.randn(m.weight.shape, generator=g))
+    _, data = load_data(None)
+    capture = build_capture_set(get_cfg(overrides={"imgsz": 128, "task": "detect"}), data, 32, 4)
+    batches = capture.sample(8, seed=0, rank=rank, world_size=world)
+    report = shift_detector(model, batches, device=torch.device("cpu"), optimizer=opt, tau=1e-3)
+    torch.save(
+        {
+            "weights": {n: m.weight.detach().clone() for n, m in heads.items()},
+            "momentum": {n: opt.state[m.weight]["momentum_buffer"].clone() for n, m in heads.items()},
+            "rows": {r.name: r.rows for r in report.layers},
+            "images": sum(b["img"].shape[0] for b in batches),
+        },
+        out / f"rank{rank}_of{world}.pt",
+    )
+    if world > 1:
+        dist.destroy_process_group()
+    """
+)
+
+
+def test_two_process_gloo_shift_is_identical_on_both_ranks(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(script),
+        str(tmp_path),
+        "2",
+    ]
+    subprocess.run(cmd, check=True, timeout=300, capture_output=True)
+    subprocess.run([sys.executable, str(script), str(tmp_path), "1"], check=True, timeout=300, capture_output=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}_of2.pt") for r in (0, 1))
+    single = torch.load(tmp_path / "rank0_of1.pt")
+    assert r0["images"] == r1["images"] == 4  # each rank captured its own half of the 8 images
+    for name in r0["weights"]:
+        assert torch.equal(r0["weights"][name], r1["weights"][name])
+        assert torch.equal(r0["momentum"][name], r1["momentum"][name])
+        # the Gram is all-reduced: same rows as one process over all 8 images, and the same solution
+        assert r0["rows"][name] == single["rows"][name]
+        torch.testing.assert_close(r0["weights"][name], single["weights"][name], rtol=1e-4, atol=1e-6)
