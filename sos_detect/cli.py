@@ -72,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="yolov5n.yaml",
         help="model YAML or .pt (Ultralytics' model=); yolov5s.yaml is the anchor-free YOLOv5u",
     )
-    t.add_argument("--data", default=None, help="data YAML (default: the embedded tree dataset)")
+    t.add_argument("--data", default=None,
+                   help="data YAML (default: the embedded tree dataset, then with nbs = batch so that every batch "
+                   "is an optimizer step)")
     t.add_argument("--weights", default=None, help="start from this detector's weights (fine-tuning)")
     t.add_argument("--epochs", type=int, default=30, help="epochs (default 30)")
     t.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -137,6 +139,76 @@ def build_parser() -> argparse.ArgumentParser:
     vo.add_argument("--root", required=True, help="the VOCdevkit folder holding VOC2007/ and/or VOC2012/")
     vo.add_argument("--out", default="datasets/voc", help="output folder (default datasets/voc)")
     vo.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    h = sub.add_parser(
+        "hessian",
+        help="Hessian trace and top eigenvalues of a detector's loss (flatness)",
+        description="Hutchinson trace (± standard error) and Lanczos top-k eigenvalues of the "
+        "per-image detection loss on --images training images, BatchNorm in eval mode.",
+    )
+    h.add_argument("--weights", required=True, help="checkpoint .pt")
+    h.add_argument("--data", default=None, help="data YAML: the loss batch comes from its train split")
+    h.add_argument(
+        "--params",
+        choices=("head", "all"),
+        default="head",
+        help="head: the head output-conv weights (default); all: every parameter",
+    )
+    h.add_argument("--images", type=int, default=16, help="training images in the loss batch (default 16)")
+    h.add_argument("--k", type=int, default=3, help="top eigenvalues to report (default 3)")
+    h.add_argument("--probes", type=int, default=64, help="Hutchinson probes at most (default 64)")
+    h.add_argument(
+        "--before-after",
+        action="store_true",
+        help="apply a shift (--sos-* options) and report both; saves Figure 2 as a PNG in --out",
+    )
+    h.add_argument("--out", default="runs/sos/hessian", help="folder for the figure (default runs/sos/hessian)")
+    h.add_argument("--seed", type=int, default=0, help="image sample and probe seed (default 0)")
+    _add_eval_options(h)
+    _add_sos_options(h, schedule=False)
+
+    c = sub.add_parser("classify", help="classification companion: SGD/SAM/NSO with and without SOS")
+    csub = c.add_subparsers(dest="action", required=True)
+    ct = csub.add_parser("train", help="train a classifier (Algorithm 1 with --sos)")
+    cs = csub.add_parser("shift", help="post-hoc shift of a trained classifier: top-1/top-5 before and after")
+    for p in (ct, cs):
+        p.add_argument(
+            "--model",
+            default="resnet18",
+            help="resnet18, resnet50, vgg16_bn, densenet201 (CIFAR "
+            "stems), resnet50_imagenet, shufflenet_v2_x1_0, resnext50_32x4d, smallcnn, mlp",
+        )
+        p.add_argument("--data", default="cifar100", help="cifar10, cifar100, imagefolder, fashion-mnist, digits")
+        p.add_argument(
+            "--root",
+            default=None,
+            help="dataset root (CIFAR python layout; ImageFolder with train/ "
+            "and val/; Fashion-MNIST IDX folder, default /usr/share/datasets/fashion-mnist)",
+        )
+        p.add_argument("--weights", default=None, help="local weights file (state dict); never downloaded")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+        p.add_argument("--sos-mode", default="paper", help="paper: τ = 0 on --sos-batch samples; guarded: budget τ")
+        p.add_argument("--sos-batch", type=int, default=300, help="b, samples per paper-mode shift (default 300)")
+        p.add_argument("--sos-tau", type=float, default=1e-4, help="guarded mode's output-change budget")
+        p.add_argument("--sos-samples", type=int, default=2048, help="guarded mode: samples captured per shift")
+        p.add_argument("--train-subset", type=int, default=None, help="use this many training samples")
+        p.add_argument("--test-subset", type=int, default=None, help="use this many test samples")
+    ct.add_argument("--optimizer", default="sgd", help="sgd (Nesterov 0.9), sam, nso")
+    ct.add_argument("--sos", action=argparse.BooleanOptionalAction, default=False, help="shift during training")
+    ct.add_argument("--sos-every", type=int, default=1, help="shift every N epochs (default 1)")
+    ct.add_argument("--epochs", type=int, default=200)
+    ct.add_argument("--batch", type=int, default=128)
+    ct.add_argument("--lr", type=float, default=0.1)
+    ct.add_argument("--weight-decay", type=float, default=5e-4)
+    ct.add_argument("--schedule", default="step", help="step (÷10 at 50 %% and 75 %%) or cosine")
+    ct.add_argument("--rho", type=float, default=0.05, help="SAM radius")
+    ct.add_argument("--adaptive", action="store_true", help="ASAM")
+    ct.add_argument("--sigma", type=float, default=0.01, help="NSO noise standard deviation")
+    ct.add_argument("--nso-perturbations", type=int, default=1, help="NSO: perturbation pairs ±U per step")
+    ct.add_argument("--mixup", type=float, default=0.0, help="Mixup Beta(α, α); 0 = off")
+    ct.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
+    ct.add_argument("--out", default="runs/classify/train", help="output folder")
+
     r = sub.add_parser("reproduce", help="reproduce the paper's tables")
     rsub = r.add_subparsers(dest="table", required=True)
     t5 = rsub.add_parser(
@@ -163,6 +235,24 @@ def build_parser() -> argparse.ArgumentParser:
     t5.add_argument("--device", default=None, help="override the preset's device")
     t5.add_argument("--batch", type=int, default=None, help="override the preset's batch size")
     t5.add_argument("--out", default="runs/table5", help="output folder (default runs/table5)")
+    rc = rsub.add_parser(
+        "classify",
+        help="SGD/SAM/NSO with and without SOS over seeds (Table 3 style)",
+        description="Trains every scheme × seed (finished runs are read back) and writes "
+        "classify.md and classify.csv with mean ± std and paired differences.",
+    )
+    rc.add_argument(
+        "--preset",
+        choices=("paper", "mini"),
+        default="mini",
+        help="paper: CIFAR-100 ResNet-18 on a GPU (--root needed); mini: Fashion-MNIST on CPU",
+    )
+    rc.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    rc.add_argument("--schemes", default=None, help="comma-separated subset of sgd,sgd+sos,sam,sam+sos,nso,nso+sos")
+    rc.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
+    rc.add_argument("--root", default=None, help="dataset root")
+    rc.add_argument("--device", default=None, help="override the preset's device")
+    rc.add_argument("--out", default="runs/classify_table", help="output folder")
     return parser
 
 
@@ -200,7 +290,7 @@ def _device(value: str | None) -> str:
     return value if value is not None else ("0" if torch.cuda.is_available() else "cpu")
 
 
-def _torch_device(value: str | None) -> str:
+def torch_device(value: str | None) -> str:
     device = _device(value)
     return "cpu" if device == "cpu" else f"cuda:{device.split(',')[0]}"
 
@@ -253,6 +343,8 @@ def cmd_train(a: argparse.Namespace) -> int:
     }
     if a.weights:
         overrides["pretrained"] = a.weights
+    if a.data is None:  # the embedded 37 images are less than one nominal batch: step the optimizer every batch
+        overrides.setdefault("nbs", a.batch)
     model = YOLO(a.cfg)
     model.train(trainer=SOSDetectionTrainer, **overrides)
     trainer = model.trainer
@@ -331,7 +423,7 @@ def cmd_shift(a: argparse.Namespace) -> int:
         loss_tol=a.sos_loss_tol,
         imgsz=a.imgsz,
         batch=a.batch,
-        device=_torch_device(a.device),
+        device=torch_device(a.device),
         seed=a.seed,
     )
     for key, report in reports.items():
@@ -342,6 +434,112 @@ def cmd_shift(a: argparse.Namespace) -> int:
         return 1
     after = _validate(written, data_yaml, a)
     print(f"after:  mAP50 {after[0]:.4f}  mAP50-95 {after[1]:.4f}  ({written})")
+    return 0
+
+
+def cmd_hessian(a: argparse.Namespace) -> int:
+    from sos_detect.detect.checkpoint import capture_set_for, load_detector_checkpoint, working_copy
+    from sos_detect.detect.data import load_data
+    from sos_detect.detect.flatness import measure_flatness
+    from sos_detect.detect.plots import plot_eigenvalues
+    from sos_detect.detect.shifting import shift_detector
+    from sos_detect.layers import check_shift_options
+
+    check_shift_options(a.sos_mode, a.sos_tau, a.sos_rows, a.sos_loss_tol)
+    ckpt = load_detector_checkpoint(a.weights)
+    _, data = load_data(a.data)
+    device = torch_device(a.device)
+    model = working_copy(ckpt.get("ema") or ckpt["model"], device, imgsz=a.imgsz, batch=a.batch)
+    batches = capture_set_for(model, data).sample(a.images, a.seed)
+    kw = dict(which=a.params, k=a.k, probes=a.probes, seed=a.seed)
+    before = measure_flatness(model, batches, device, **kw)
+    _print_flatness("before" if a.before_after else a.weights, before)
+    if a.before_after:
+        report = shift_detector(
+            model,
+            batches,
+            device=device,
+            heads=a.sos_heads,
+            mode=a.sos_mode,
+            tau=a.sos_tau,
+            rows=a.sos_rows,
+            loss_tol=a.sos_loss_tol,
+            seed=a.seed,
+        )
+        print(report.format())
+        after = measure_flatness(model, batches, device, **kw)
+        _print_flatness("after", after)
+        Path(a.out).mkdir(parents=True, exist_ok=True)
+        fig = plot_eigenvalues(before.eigenvalues, after.eigenvalues, Path(a.out) / "fig2_top_eigenvalues.png")
+        print(f"Figure 2: {fig}")
+    return 0
+
+
+def _print_flatness(label: str, f) -> None:
+    eigs = ", ".join(f"{e:.6g}" for e in f.eigenvalues)
+    print(
+        f"{label}: loss {f.loss:.6g}  trace {f.trace.value:.6g} ± {f.trace.stderr:.2g} ({f.trace.probes} probes)  "
+        f"top eigenvalues [{eigs}]"
+    )
+
+
+def cmd_classify(a: argparse.Namespace) -> int:
+    import torch
+
+    from sos_detect.classify.data import load_classification_data
+    from sos_detect.classify.models import build_model
+    from sos_detect.classify.train import TrainConfig, shift_classifier, train
+
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    common = dict(
+        model=a.model,
+        data=a.data,
+        root=a.root,
+        weights=a.weights,
+        seed=a.seed,
+        device=device,
+        sos_mode=a.sos_mode,
+        sos_batch=a.sos_batch,
+        sos_tau=a.sos_tau,
+        sos_samples=a.sos_samples,
+        train_subset=a.train_subset,
+        test_subset=a.test_subset,
+    )
+    if a.action == "train":
+        cfg = TrainConfig(
+            **common,
+            optimizer=a.optimizer,
+            sos=a.sos,
+            sos_every=a.sos_every,
+            epochs=a.epochs,
+            batch_size=a.batch,
+            lr=a.lr,
+            weight_decay=a.weight_decay,
+            schedule=a.schedule,
+            rho=a.rho,
+            adaptive=a.adaptive,
+            sigma=a.sigma,
+            nso_perturbations=a.nso_perturbations,
+            mixup=a.mixup,
+            amp=a.amp,
+            out=a.out,
+        )
+        final = train(cfg)["final"]
+        print(
+            f"epoch {final['epoch']}: test top-1 {final['test_top1']:.4f}  top-5 {final['test_top5']:.4f}  "
+            f"last-layer norm {final['last_norm']:.4f}  (log: {Path(a.out) / 'log.csv'})"
+        )
+        return 0
+    if a.weights is None:
+        raise ValueError("classify shift needs --weights")
+    cfg = TrainConfig(**common)
+    cfg.check()
+    data = load_classification_data(a.data, a.root, train_subset=a.train_subset, test_subset=a.test_subset)
+    model = build_model(a.model, data.num_classes, data.in_ch, a.weights)
+    res = shift_classifier(model, data, cfg)
+    print(res["report"].format())
+    for key in ("before", "after"):
+        print(f"{key}: top-1 {res[key]['top1']:.4f}  top-5 {res[key]['top5']:.4f}  loss {res[key]['loss']:.4f}")
     return 0
 
 
@@ -361,6 +559,21 @@ def cmd_data(a: argparse.Namespace) -> int:
 
 def cmd_reproduce(a: argparse.Namespace) -> int:
     from sos_detect.reproduce.table5 import PRESETS, reproduce_table5
+
+    if a.table == "classify":
+        from sos_detect.reproduce.classify import SCHEMES, reproduce_classify
+
+        overrides = {k: v for k, v in (("epochs", a.epochs), ("root", a.root), ("device", a.device)) if v is not None}
+        schemes = tuple(a.schemes.split(",")) if a.schemes else SCHEMES
+        bad = [s for s in schemes if s not in SCHEMES]
+        if bad:
+            raise ValueError(f"--schemes: unknown {bad}; choose from {SCHEMES}")
+        md, csv_path = reproduce_classify(
+            a.preset, Path(a.out), seeds=[int(s) for s in a.seeds.split(",")], schemes=schemes, overrides=overrides
+        )
+        print(md.read_text())
+        print(f"written: {md}, {csv_path}")
+        return 0
 
     preset = PRESETS[a.preset]
     models = a.models.split(",") if a.models else list(preset.models)
@@ -387,7 +600,15 @@ def cmd_reproduce(a: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "val": cmd_val, "shift": cmd_shift, "data": cmd_data, "reproduce": cmd_reproduce}
+COMMANDS = {
+    "classify": cmd_classify,
+    "hessian": cmd_hessian,
+    "train": cmd_train,
+    "val": cmd_val,
+    "shift": cmd_shift,
+    "data": cmd_data,
+    "reproduce": cmd_reproduce,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

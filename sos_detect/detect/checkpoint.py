@@ -37,15 +37,24 @@ def load_detector_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
-def _hyp_namespace(model: torch.nn.Module, overrides: dict[str, Any]):
-    """Ultralytics args for the model's loss and the capture dataset, from defaults + stored args."""
+def working_copy(stored: torch.nn.Module, device: torch.device, **overrides: Any) -> torch.nn.Module:
+    """A float32 copy of a stored detector on `device` whose `args` (loss hyper-parameters, imgsz, …) are
+    Ultralytics' defaults updated by the stored args and `overrides`."""
     from ultralytics.cfg import get_cfg
     from ultralytics.utils import DEFAULT_CFG_DICT
 
-    stored = getattr(model, "args", {}) or {}
-    stored = stored if isinstance(stored, dict) else vars(stored)
-    merged = {k: v for k, v in stored.items() if k in DEFAULT_CFG_DICT}
-    return get_cfg(DEFAULT_CFG_DICT, {**merged, **overrides, "task": "detect", "mode": "train"})
+    model = copy.deepcopy(stored).float().to(device)
+    saved = getattr(model, "args", {}) or {}
+    saved = saved if isinstance(saved, dict) else vars(saved)
+    merged = {k: v for k, v in saved.items() if k in DEFAULT_CFG_DICT}
+    model.args = get_cfg(DEFAULT_CFG_DICT, {**merged, **overrides, "task": "detect", "mode": "train"})
+    model.criterion = None
+    return model
+
+
+def capture_set_for(model: torch.nn.Module, data: dict[str, Any]):
+    """The capture set over data['train'] at the model's args.imgsz."""
+    return build_capture_set(model.args, data, max(int(model.stride.max()), 32), model.args.batch)
 
 
 def shift_checkpoint(
@@ -79,17 +88,13 @@ def shift_checkpoint(
         stored = ckpt.get(key)
         if not isinstance(stored, torch.nn.Module):
             continue
-        model = copy.deepcopy(stored).float().to(device)
-        args = _hyp_namespace(model, {"imgsz": imgsz, "batch": batch})
-        model.args = args
-        if capture is None:
-            stride = max(int(model.stride.max()), 32)
-            capture = build_capture_set(args, data, stride, batch)
+        model = working_copy(stored, device, imgsz=imgsz, batch=batch)
+        capture = capture or capture_set_for(model, data)
         batches = capture.sample(images, seed)
         reports[key] = shift_detector(
             model, batches, device=device, heads=heads, mode=mode, tau=tau, rows=rows, loss_tol=loss_tol, seed=seed
         )
-        model.args = dict(vars(args))
+        model.args = dict(vars(model.args))
         model.criterion = None
         new[key] = model.cpu().half()
     if not all(r.applied for r in reports.values()):

@@ -53,24 +53,33 @@ def images_forward(device: torch.device):
     return forward
 
 
+def detection_loss_tensor(model: nn.Module, batches: list[dict[str, Any]], device: torch.device) -> torch.Tensor:
+    """The Ultralytics detection loss per image over `batches` as a differentiable tensor.
+
+    The model is run in eval mode (BatchNorm statistics fixed, as for a Hessian); modes are restored.
+    """
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        total, count = 0.0, 0
+        for batch in batches:
+            b = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            b["img"] = b["img"].float() / 255
+            loss, _ = model.loss(b)
+            total = total + loss.sum()
+            count += b["img"].shape[0]
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    return total / max(count, 1)
+
+
 def detection_loss(batches: list[dict[str, Any]], device: torch.device):
-    """loss_fn(model): the Ultralytics detection loss per image over `batches`, model in eval mode."""
+    """loss_fn(model) -> float: `detection_loss_tensor` without a graph."""
 
     def loss_fn(model: nn.Module) -> float:
-        modes = {m: m.training for m in model.modules()}
-        model.eval()
-        total, count = 0.0, 0
-        try:
-            for batch in batches:
-                b = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-                b["img"] = b["img"].float() / 255
-                loss, _ = model.loss(b)
-                total += float(loss.sum())
-                count += b["img"].shape[0]
-        finally:
-            for m, training in modes.items():
-                m.training = training
-        return total / max(count, 1)
+        with torch.no_grad():
+            return float(detection_loss_tensor(model, batches, device))
 
     return loss_fn
 
@@ -112,10 +121,12 @@ def shift_detector(
     rows: int | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     loss_tol: float | None = None,
+    measure_loss: bool = False,
     seed: int = 0,
 ) -> ShiftReport:
     """Shift the head convs of one detector (a training model or its EMA) on the capture batches.
 
+    The capture-set loss is measured before and after when `measure_loss` or `loss_tol` is set.
     Under torch.distributed the Grams are all-reduced before solving and rank 0's result is broadcast,
     so all ranks end with identical tensors.
     """
@@ -132,7 +143,7 @@ def shift_detector(
         rows=rows,
         forward=images_forward(device),
         optimizer=optimizer,
-        loss_fn=detection_loss(batches, device) if loss_tol is not None else None,
+        loss_fn=detection_loss(batches, device) if measure_loss or loss_tol is not None else None,
         loss_tol=loss_tol,
         seed=seed,
         sync=all_reduce_grams if ddp else None,

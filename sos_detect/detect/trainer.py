@@ -13,8 +13,10 @@ from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.utils import DEFAULT_CFG, LOGGER, RANK, IterableSimpleNamespace
 from ultralytics.utils.torch_utils import unwrap_model
 
-from sos_detect.detect.heads import parse_heads
-from sos_detect.detect.shifting import CaptureSet, build_capture_set, shift_detector
+from sos_detect.detect.heads import detect_head_layers, parse_heads
+from sos_detect.detect.plots import head_norm, plot_run
+from sos_detect.detect.shifting import CaptureSet, build_capture_set, detection_loss_tensor, shift_detector
+from sos_detect.hessian import gradients_enabled, hessian_trace
 from sos_detect.layers import ShiftReport, check_shift_options
 
 SOS_DEFAULTS: dict[str, Any] = {
@@ -28,16 +30,20 @@ SOS_DEFAULTS: dict[str, Any] = {
     "sos_final": True,  # shift after the final epoch too, before the last validation and checkpoint
     "sos_heads": "box,cls",  # which head convs: box (cv2[i][-1]), cls (cv3[i][-1])
     "sos_loss_tol": None,  # roll back a shift whose capture-set loss rises by more than this fraction
+    "sos_hessian_every": 0,  # log the EMA's Hessian trace (head, whole model) every N epochs; 0 = off
+    "sos_hessian_images": 8,  # training images in the Hessian's loss batch (fixed across epochs)
+    "sos_hessian_probes": 32,  # Hutchinson probes at most per estimate (stops earlier at 5 % stderr)
 }
-SOS_COLUMNS = ("sos/shifted", "sos/norm_ratio", "sos/ema_norm_ratio", "sos/out_change", "sos/seconds")
 
 
 def check_sos_args(args: Any) -> None:
     """Validate the sos_* options in an args namespace; errors name the option."""
-    for key in ("sos_images", "sos_every"):
+    for key in ("sos_images", "sos_every", "sos_hessian_images", "sos_hessian_probes"):
         value = getattr(args, key)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{key} must be a positive integer, got {value!r}")
+    if not isinstance(args.sos_hessian_every, int) or args.sos_hessian_every < 0:
+        raise ValueError(f"sos_hessian_every must be an integer >= 0, got {args.sos_hessian_every!r}")
     if args.sos_start is not None and (not isinstance(args.sos_start, int) or args.sos_start < 0):
         raise ValueError(f"sos_start must be an integer >= 0, got {args.sos_start!r}")
     parse_heads(args.sos_heads)
@@ -70,8 +76,15 @@ class SOSDetectionTrainer(DetectionTrainer):
 
     def run_callbacks(self, event: str):
         """Shift at the epoch end, before validation and saving (a method, so it survives DDP re-spawn)."""
-        if event == "on_train_epoch_end" and self._shift_due(self.epoch):
-            self.sos_shift(self.epoch)
+        if event == "on_train_epoch_end":
+            if self._shift_due(self.epoch):
+                self.sos_shift(self.epoch)
+            self._sos_row["sos/head_norm"] = head_norm(self.ema.ema)
+            every = self.args.sos_hessian_every
+            if every and ((self.epoch + 1) % every == 0 or self.epoch + 1 >= self.epochs):
+                self._sos_row.update(self.sos_hessian())
+        if event == "on_train_end" and RANK in {-1, 0}:
+            plot_run(self.save_dir)
         super().run_callbacks(event)
 
     def save_metrics(self, metrics: dict):
@@ -95,9 +108,7 @@ class SOSDetectionTrainer(DetectionTrainer):
         """Shift the model (with its optimiser state) and the EMA, each on its own features."""
         start = time.perf_counter()
         if self._capture is None:
-            stride = max(int(unwrap_model(self.model).stride.max()), 32)
-            with self._plain_args():
-                self._capture = build_capture_set(self.args, self.data, stride, self.batch_size)
+            self._build_capture()
         world = max(self.world_size, 1)
         batches = self._capture.sample(self.args.sos_images, self.args.seed + epoch, max(RANK, 0), world)
         targets = {"model": (unwrap_model(self.model), self.optimizer), "ema": (self.ema.ema, None)}
@@ -113,21 +124,43 @@ class SOSDetectionTrainer(DetectionTrainer):
                 rows=self.args.sos_rows,
                 optimizer=optimizer,
                 loss_tol=self.args.sos_loss_tol,
+                measure_loss=self.args.sos_hessian_every > 0,
                 seed=self.args.seed + epoch,
             )
         seconds = time.perf_counter() - start
-        self._sos_row = {
-            "sos/shifted": float(all(r.applied for r in reports.values())),
-            "sos/norm_ratio": reports["model"].norm_ratio if reports["model"].applied else 1.0,
-            "sos/ema_norm_ratio": reports["ema"].norm_ratio if reports["ema"].applied else 1.0,
-            "sos/out_change": max(r.max_out_change for r in reports.values() if r.applied)
-            if any(r.applied for r in reports.values())
-            else 0.0,
-            "sos/seconds": seconds,
-        }
+        applied = [r for r in reports.values() if r.applied]
+        self._sos_row.update(
+            {
+                "sos/shifted": float(len(applied) == len(reports)),
+                "sos/norm_ratio": reports["model"].norm_ratio if reports["model"].applied else 1.0,
+                "sos/ema_norm_ratio": reports["ema"].norm_ratio if reports["ema"].applied else 1.0,
+                "sos/out_change": max((r.max_out_change for r in applied), default=0.0),
+                "sos/seconds": seconds,
+            }
+        )
         if RANK in {-1, 0}:
             self._log_shift(epoch, reports)
         return reports
+
+    def sos_hessian(self) -> dict[str, float]:
+        """Hutchinson trace of the EMA's detection loss on a fixed batch: head convs and the whole model."""
+        if self._capture is None:
+            self._build_capture()
+        batches = self._capture.sample(self.args.sos_hessian_images, self.args.seed)  # the same images each time
+        model = self.ema.ema
+        heads = [m.weight for m in detect_head_layers(model, self.args.sos_heads).values()]
+        out = {}
+        for key, params in (("sos/trace_head", heads), ("sos/trace_all", list(model.parameters()))):
+            with gradients_enabled(params):
+                est = hessian_trace(
+                    lambda: detection_loss_tensor(model, batches, self.device),
+                    params,
+                    max_probes=self.args.sos_hessian_probes,
+                    rtol=0.05,
+                    seed=self.args.seed,
+                )
+            out[key] = est.value
+        return out
 
     def _log_shift(self, epoch: int, reports: dict[str, ShiftReport]) -> None:
         with open(self.save_dir / "sos_log.jsonl", "a", encoding="utf-8") as f:
@@ -141,15 +174,24 @@ class SOSDetectionTrainer(DetectionTrainer):
                 f"{'applied' if report.applied else 'rolled back: ' + report.reason}"
             )
 
-    @staticmethod
-    def _empty_row() -> dict[str, float]:
-        return {
+    def _build_capture(self) -> None:
+        stride = max(int(unwrap_model(self.model).stride.max()), 32)
+        with self._plain_args():
+            self._capture = build_capture_set(self.args, self.data, stride, self.batch_size)
+
+    def _empty_row(self) -> dict[str, float]:
+        """Every sos/ column at its no-shift value (NaN: not measured this epoch)."""
+        row = {
             "sos/shifted": 0.0,
             "sos/norm_ratio": 1.0,
             "sos/ema_norm_ratio": 1.0,
             "sos/out_change": 0.0,
             "sos/seconds": 0.0,
+            "sos/head_norm": math.nan,
         }
+        if self.args.sos_hessian_every:
+            row.update({"sos/trace_head": math.nan, "sos/trace_all": math.nan})
+        return row
 
     @contextlib.contextmanager
     def _plain_args(self):

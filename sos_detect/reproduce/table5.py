@@ -56,6 +56,7 @@ PRESETS = {
             epochs=10,
             imgsz=320,
             batch=8,
+            nbs=8,  # every batch an optimizer step (37 images are less than one nominal batch of 64)
             optimizer="SGD",
             lr0=0.005,
             momentum=0.9,
@@ -266,6 +267,7 @@ def reproduce_table5(
     """Run (or resume) every arm and write table5.md, table5.csv and table5.png under `out`."""
     preset = PRESETS[preset_name]
     overrides = dict(overrides or {})
+    out = out.resolve()  # Ultralytics puts a relative project under its own runs folder
     out.mkdir(parents=True, exist_ok=True)
     results = [
         run_arm(m, s, arm, preset, out, overrides)

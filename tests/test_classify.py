@@ -1,0 +1,146 @@
+"""Classification companion: SAM and NSO against their definitions, each scheme on digits, SOS in the loop."""
+
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from sos_detect.classify.data import read_idx
+from sos_detect.classify.optim import NSO, SAM
+from sos_detect.classify.train import TrainConfig, train
+
+
+def quadratic():
+    torch.manual_seed(0)
+    a = torch.randn(4, 4, dtype=torch.float64)
+    q, b = a @ a.T + torch.eye(4, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    return q, b, lambda w: 0.5 * w @ q @ w - b @ w, lambda w: q @ w - b  # loss, exact gradient
+
+
+def test_sam_step_equals_definition():
+    q, b, loss, grad = quadratic()
+    w0 = torch.randn(4, dtype=torch.float64)
+    w = nn.Parameter(w0.clone())
+    opt = SAM([w], torch.optim.SGD, rho=0.1, lr=0.05)
+
+    def closure():
+        opt.zero_grad()
+        value = loss(w)
+        value.backward()
+        return value
+
+    opt.step(closure)
+    g = grad(w0)
+    expected = w0 - 0.05 * grad(w0 + 0.1 * g / g.norm())
+    torch.testing.assert_close(w.detach(), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_asam_step_equals_definition():
+    q, b, loss, grad = quadratic()
+    w0 = torch.randn(4, dtype=torch.float64)
+    w = nn.Parameter(w0.clone())
+    opt = SAM([w], torch.optim.SGD, rho=0.1, adaptive=True, lr=0.05)
+
+    def closure():
+        opt.zero_grad()
+        value = loss(w)
+        value.backward()
+        return value
+
+    opt.step(closure)
+    g, t = grad(w0), w0.abs()
+    expected = w0 - 0.05 * grad(w0 + 0.1 * t * t * g / (t * g).norm())
+    torch.testing.assert_close(w.detach(), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_nso_update_is_the_mean_gradient_at_w_plus_minus_u():
+    q, b, loss, grad = quadratic()
+    w0 = torch.randn(4, dtype=torch.float64)
+    w = nn.Parameter(w0.clone())
+    opt = NSO([w], torch.optim.SGD, sigma=0.3, num_perturbations=2, generator=torch.Generator().manual_seed(7), lr=0.05)
+
+    def closure():
+        opt.zero_grad()
+        value = loss(w)
+        value.backward()
+        return value
+
+    opt.step(closure)
+    gen = torch.Generator().manual_seed(7)
+    us = [torch.randn(4, generator=gen).double() * 0.3 for _ in range(2)]
+    mean_grad = sum(grad(w0 + u) + grad(w0 - u) for u in us) / 4
+    torch.testing.assert_close(w.detach(), w0 - 0.05 * mean_grad, rtol=1e-12, atol=1e-12)
+
+
+def digits_cfg(tmp_path, **kw):
+    base = dict(model="mlp", data="digits", epochs=3, batch_size=64, lr=0.05, weight_decay=0.0, out=str(tmp_path))
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "sam", "nso"])
+def test_each_scheme_trains_on_digits(tmp_path, optimizer):
+    result = train(digits_cfg(tmp_path, optimizer=optimizer, sigma=0.005))
+    assert len(result["rows"]) == 3
+    assert result["final"]["test_top1"] > 0.8
+    assert (tmp_path / "log.csv").is_file() and (tmp_path / "model.pt").is_file()
+
+
+@pytest.mark.parametrize("mode", ["guarded", "paper"])
+def test_sos_in_the_loop_lowers_last_norm_with_bounded_loss(tmp_path, mode):
+    cfg = digits_cfg(tmp_path, sos=True, sos_mode=mode, sos_batch=32, sos_samples=1024, sos_tau=1e-3, epochs=4)
+    result = train(cfg)
+    entries = [json.loads(x) for x in (tmp_path / "sos_log.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in entries] == [1, 2, 3, 4] and all(e["applied"] for e in entries)
+    for e in entries:
+        layer = e["layers"][0]
+        assert layer["norm_after"] < layer["norm_before"]
+        if mode == "guarded":  # the budget τ bounds the output change, hence the loss change, on the capture set
+            assert abs(e["loss_after"] - e["loss_before"]) <= 5e-3 * e["loss_before"]
+        else:  # τ = 0 on b = 32 < 64 sampled rows: outputs on them are kept, so is their loss
+            assert e["loss_after"] == pytest.approx(e["loss_before"], rel=1e-4)
+    # the logged norm is the model's final-layer norm after the shift
+    final = torch.load(tmp_path / "model.pt")["model"]["4.weight"]
+    assert result["final"]["last_norm"] == pytest.approx(float(final.norm()), rel=1e-6)
+
+
+def test_read_idx_roundtrip(tmp_path):
+    arr = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    raw = bytes([0, 0, 8, 3]) + b"".join(int(d).to_bytes(4, "big") for d in arr.shape) + arr.tobytes()
+    (tmp_path / "a-idx3-ubyte").write_bytes(raw)
+    with gzip.open(tmp_path / "b-idx3-ubyte.gz", "wb") as f:
+        f.write(raw)
+    np.testing.assert_array_equal(read_idx(tmp_path / "a-idx3-ubyte"), arr)
+    np.testing.assert_array_equal(read_idx(tmp_path / "b-idx3-ubyte.gz"), arr)
+    (tmp_path / "bad").write_bytes(b"\x00\x00\x09\x01" + raw[4:])
+    with pytest.raises(ValueError, match="not a uint8 IDX"):
+        read_idx(tmp_path / "bad")
+
+
+def cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "sos_detect.cli", "classify", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_missing_dataset_root(tmp_path):
+    res = cli("train", "--data", "cifar10", "--root", tmp_path / "nope", "--epochs", 1, "--out", tmp_path / "o")
+    assert res.returncode == 2 and "nope" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_weights_with_wrong_class_count(tmp_path):
+    from sos_detect.classify.models import small_cnn
+
+    torch.save(small_cnn(num_classes=7).state_dict(), tmp_path / "w.pt")
+    res = cli("shift", "--model", "smallcnn", "--data", "digits", "--weights", tmp_path / "w.pt")
+    assert res.returncode == 2
+    assert "w.pt" in res.stderr and "class count" in res.stderr
+    assert Path(tmp_path / "w.pt").is_file()
