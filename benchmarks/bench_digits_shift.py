@@ -37,16 +37,32 @@ def main() -> None:
         with torch.no_grad():
             loss1, acc1 = float(ce(model(x), y)), float((model(xt).argmax(1) == yt).float().mean())
         r = report.layers[0]
-        rows.append({"mode": mode, "tau": tau, "rows": r.rows, "rank": r.rank, "norm_before": r.norm_before,
-                     "norm_after": r.norm_after, "train_loss_before": loss0, "train_loss_after": loss1,
-                     "train_loss_rel_change": (loss1 - loss0) / loss0, "test_acc_before": acc0, "test_acc_after": acc1,
-                     "out_change_on_capture": r.out_change_measured})
-    print(f"{'mode':<8} {'tau':>7} {'rows':>5} {'rank':>4} {'‖V‖':>8} {'‖V′‖':>8} {'train loss':>11} "
-          f"{'Δloss rel':>10} {'test acc':>15}")
+        rows.append(
+            {
+                "mode": mode,
+                "tau": tau,
+                "rows": r.rows,
+                "rank": r.rank,
+                "norm_before": r.norm_before,
+                "norm_after": r.norm_after,
+                "train_loss_before": loss0,
+                "train_loss_after": loss1,
+                "train_loss_rel_change": (loss1 - loss0) / loss0,
+                "test_acc_before": acc0,
+                "test_acc_after": acc1,
+                "out_change_on_capture": r.out_change_measured,
+            }
+        )
+    print(
+        f"{'mode':<8} {'tau':>7} {'rows':>5} {'rank':>4} {'‖V‖':>8} {'‖V′‖':>8} {'train loss':>11} "
+        f"{'Δloss rel':>10} {'test acc':>15}"
+    )
     for r in rows:
-        print(f"{r['mode']:<8} {r['tau']:>7.0e} {r['rows']:>5} {r['rank']:>4} {r['norm_before']:>8.4f} "
-              f"{r['norm_after']:>8.4f} {r['train_loss_after']:>11.3e} {r['train_loss_rel_change']:>+10.2%} "
-              f"{r['test_acc_before']:.4f}->{r['test_acc_after']:.4f}")
+        print(
+            f"{r['mode']:<8} {r['tau']:>7.0e} {r['rows']:>5} {r['rank']:>4} {r['norm_before']:>8.4f} "
+            f"{r['norm_after']:>8.4f} {r['train_loss_after']:>11.3e} {r['train_loss_rel_change']:>+10.2%} "
+            f"{r['test_acc_before']:.4f}->{r['test_acc_after']:.4f}"
+        )
     out = Path(__file__).parent / "results" / "bench_digits_shift.json"
     out.write_text(json.dumps(rows, indent=1))
     print(f"written {out}")

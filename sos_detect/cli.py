@@ -72,9 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="yolov5n.yaml",
         help="model YAML or .pt (Ultralytics' model=); yolov5s.yaml is the anchor-free YOLOv5u",
     )
-    t.add_argument("--data", default=None,
-                   help="data YAML (default: the embedded tree dataset, then with nbs = batch so that every batch "
-                   "is an optimizer step)")
+    t.add_argument(
+        "--data",
+        default=None,
+        help="data YAML (default: the embedded tree dataset, then with nbs = batch so that every batch "
+        "is an optimizer step)",
+    )
     t.add_argument("--weights", default=None, help="start from this detector's weights (fine-tuning)")
     t.add_argument("--epochs", type=int, default=30, help="epochs (default 30)")
     t.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -404,10 +407,7 @@ def cmd_shift(a: argparse.Namespace) -> int:
     from sos_detect.detect.data import load_data
     from sos_detect.layers import check_shift_options
 
-    try:
-        check_shift_options(a.sos_mode, a.sos_tau, a.sos_rows, a.sos_loss_tol)
-    except ValueError as err:
-        raise ValueError(f"--sos options: {err}") from err
+    check_shift_options(a.sos_mode, a.sos_tau, a.sos_rows, a.sos_loss_tol, prefix="--sos-")
     load_detector_checkpoint(a.weights)
     data_yaml, data = load_data(a.data)
     before = _validate(a.weights, data_yaml, a)
@@ -445,7 +445,7 @@ def cmd_hessian(a: argparse.Namespace) -> int:
     from sos_detect.detect.shifting import shift_detector
     from sos_detect.layers import check_shift_options
 
-    check_shift_options(a.sos_mode, a.sos_tau, a.sos_rows, a.sos_loss_tol)
+    check_shift_options(a.sos_mode, a.sos_tau, a.sos_rows, a.sos_loss_tol, prefix="--sos-")
     ckpt = load_detector_checkpoint(a.weights)
     _, data = load_data(a.data)
     device = torch_device(a.device)

@@ -348,18 +348,25 @@ def _check(report: ShiftReport, loss_fn, model, loss_tol) -> str:
     return ""
 
 
-def check_shift_options(mode: str, tau: float, rows: int | None, loss_tol: float | None = None) -> None:
-    """Validate the user-facing SOS options with messages that name the option."""
+def check_shift_options(
+    mode: str, tau: float, rows: int | None, loss_tol: float | None = None, *, prefix: str = ""
+) -> None:
+    """Validate the user-facing SOS options; messages name each option as `prefix + name`
+    (prefix "sos_" for trainer args, "--sos-" for command-line flags)."""
+
+    def name(key: str) -> str:
+        return prefix + (key.replace("_", "-") if prefix.startswith("--") else key)
+
     if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        raise ValueError(f"{name('mode')} must be one of {MODES}, got {mode!r}")
     if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau >= 0):
-        raise ValueError(f"tau must be a finite number >= 0, got {tau!r}")
+        raise ValueError(f"{name('tau')} must be a finite number >= 0, got {tau!r}")
     if mode == "paper" and rows is None:
-        raise ValueError("mode='paper' needs rows (the number of sampled rows b, with b < layer width)")
+        raise ValueError(f"{name('mode')}='paper' needs {name('rows')} (the number b of sampled rows, b < layer width)")
     if rows is not None and (not isinstance(rows, int) or isinstance(rows, bool) or rows <= 0):
-        raise ValueError(f"rows must be a positive integer, got {rows!r}")
+        raise ValueError(f"{name('rows')} must be a positive integer, got {rows!r}")
     if loss_tol is not None and not (math.isfinite(loss_tol) and loss_tol >= 0):
-        raise ValueError(f"loss_tol must be a finite number >= 0, got {loss_tol!r}")
+        raise ValueError(f"{name('loss_tol')} must be a finite number >= 0, got {loss_tol!r}")
 
 
 def shift_model(

@@ -7,6 +7,36 @@ configure()
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from sos_detect.detect.embedded import EMBEDDED_YAML  # noqa: E402
+
+# A tiny real Ultralytics run: YOLOv5n on the embedded tree data at 128-160 px on CPU.
+TINY = dict(
+    data=str(EMBEDDED_YAML),
+    epochs=2,
+    imgsz=160,
+    batch=8,
+    device="cpu",
+    amp=False,
+    workers=0,
+    seed=0,
+    plots=False,
+    optimizer="SGD",
+    lr0=0.01,
+    exist_ok=True,
+    verbose=False,
+)
+
+
+def tiny_train(project, name, trainer=None, **kw):
+    """Train YOLOv5n with SOSDetectionTrainer (or a subclass) and TINY settings; returns the run folder."""
+    from ultralytics import YOLO
+
+    from sos_detect.detect import SOSDetectionTrainer
+
+    model = YOLO("yolov5n.yaml")
+    model.train(trainer=trainer or SOSDetectionTrainer, project=str(project), name=name, **{**TINY, **kw})
+    return model.trainer.save_dir
+
 
 @pytest.fixture
 def rng():

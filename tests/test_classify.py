@@ -23,19 +23,23 @@ def quadratic():
     return q, b, lambda w: 0.5 * w @ q @ w - b @ w, lambda w: q @ w - b  # loss, exact gradient
 
 
-def test_sam_step_equals_definition():
-    q, b, loss, grad = quadratic()
-    w0 = torch.randn(4, dtype=torch.float64)
-    w = nn.Parameter(w0.clone())
-    opt = SAM([w], torch.optim.SGD, rho=0.1, lr=0.05)
-
+def closure_for(opt, loss, w):
     def closure():
         opt.zero_grad()
         value = loss(w)
         value.backward()
         return value
 
-    opt.step(closure)
+    return closure
+
+
+def test_sam_step_equals_definition():
+    q, b, loss, grad = quadratic()
+    w0 = torch.randn(4, dtype=torch.float64)
+    w = nn.Parameter(w0.clone())
+    opt = SAM([w], torch.optim.SGD, rho=0.1, lr=0.05)
+
+    opt.step(closure_for(opt, loss, w))
     g = grad(w0)
     expected = w0 - 0.05 * grad(w0 + 0.1 * g / g.norm())
     torch.testing.assert_close(w.detach(), expected, rtol=1e-12, atol=1e-12)
@@ -47,13 +51,7 @@ def test_asam_step_equals_definition():
     w = nn.Parameter(w0.clone())
     opt = SAM([w], torch.optim.SGD, rho=0.1, adaptive=True, lr=0.05)
 
-    def closure():
-        opt.zero_grad()
-        value = loss(w)
-        value.backward()
-        return value
-
-    opt.step(closure)
+    opt.step(closure_for(opt, loss, w))
     g, t = grad(w0), w0.abs()
     expected = w0 - 0.05 * grad(w0 + 0.1 * t * t * g / (t * g).norm())
     torch.testing.assert_close(w.detach(), expected, rtol=1e-12, atol=1e-12)
@@ -65,13 +63,7 @@ def test_nso_update_is_the_mean_gradient_at_w_plus_minus_u():
     w = nn.Parameter(w0.clone())
     opt = NSO([w], torch.optim.SGD, sigma=0.3, num_perturbations=2, generator=torch.Generator().manual_seed(7), lr=0.05)
 
-    def closure():
-        opt.zero_grad()
-        value = loss(w)
-        value.backward()
-        return value
-
-    opt.step(closure)
+    opt.step(closure_for(opt, loss, w))
     gen = torch.Generator().manual_seed(7)
     us = [torch.randn(4, generator=gen).double() * 0.3 for _ in range(2)]
     mean_grad = sum(grad(w0 + u) + grad(w0 - u) for u in us) / 4

@@ -68,3 +68,33 @@ def test_embedded_dataset_is_complete():
         labels = [root / "labels" / split / f"{p.stem}.txt" for p in images]
         assert len(images) == n_images
         assert sum(len(p.read_text().splitlines()) for p in labels) == n_boxes
+
+
+def test_build_embedded_from_a_data_folder(tmp_path):
+    """The builder on a stand-in deepforest data folder: tiles, clipped labels, deterministic split, rebuild."""
+    import cv2
+
+    from sos_detect.detect.embedded import SOURCES, build_embedded
+
+    src = tmp_path / "deepforest" / "data"
+    src.mkdir(parents=True)
+    sizes = {SOURCES[0]: (400, 400), SOURCES[1]: (800, 410), SOURCES[2]: (1200, 820)}
+    for name, (w, h) in sizes.items():
+        cv2.imwrite(str(src / f"{name}.png"), np.full((h, w, 3), 90, np.uint8))
+        objs = "".join(
+            f"<object><name>Tree</name><difficult>0</difficult><bndbox><xmin>{x}</xmin><ymin>10</ymin>"
+            f"<xmax>{x + 30}</xmax><ymax>40</ymax></bndbox></object>"
+            for x in (50, 385)
+        )
+        (src / f"{name}.xml").write_text(
+            f"<annotation><size><width>{w}</width><height>{h}</height></size>{objs}</annotation>"
+        )
+    counts = build_embedded(tmp_path, tmp_path / "out")
+    # tiles: 1×1 + 1×2 + 2×3 = 9, every fifth (i % 5 == 2 in name order) is val
+    assert counts["train_images"] + counts["val_images"] == 9 and counts["val_images"] == 2
+    label = (tmp_path / "out/labels/train" / f"{SOURCES[0]}_r0c0.txt").read_text().split()
+    # OSBS tile = whole 400×400 image; box (385, 10, 415, 40) clipped to x ≤ 400 keeps 15/30 ≥ 40 %
+    assert [float(v) for v in label[5:]] == pytest.approx([0, 392.5 / 400, 25 / 400, 15 / 400, 30 / 400], abs=1e-6)
+    before = sorted(p.name for p in (tmp_path / "out").rglob("*.txt"))
+    assert build_embedded(tmp_path, tmp_path / "out") == counts
+    assert sorted(p.name for p in (tmp_path / "out").rglob("*.txt")) == before

@@ -6,44 +6,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY, tiny_train
 from ultralytics import YOLO
 from ultralytics.utils.patches import torch_load
 
 from sos_detect.detect import SOSDetectionTrainer, detect_head_layers
-from sos_detect.detect.embedded import EMBEDDED_YAML
 from sos_detect.detect.shifting import images_forward
 from sos_detect.layers import as_v, capture_grams
 from sos_detect.shift import solve_shift
-
-TINY = dict(
-    data=str(EMBEDDED_YAML),
-    epochs=2,
-    imgsz=160,
-    batch=8,
-    device="cpu",
-    amp=False,
-    workers=0,
-    seed=0,
-    plots=False,
-    optimizer="SGD",
-    lr0=0.01,
-    exist_ok=True,
-    verbose=False,
-)
-
-
-def train(project, name, **kw):
-    model = YOLO("yolov5n.yaml")
-    model.train(trainer=SOSDetectionTrainer, project=str(project), name=name, **{**TINY, **kw})
-    return model.trainer.save_dir
 
 
 @pytest.fixture(scope="session")
 def runs(tmp_path_factory):
     project = tmp_path_factory.mktemp("runs")
     return {
-        "sos": train(project, "sos", sos=True, sos_start=0, sos_every=1, sos_images=16),
-        "base": train(project, "base", sos=False),
+        "sos": tiny_train(project, "sos", sos=True, sos_start=0, sos_every=1, sos_images=16),
+        "base": tiny_train(project, "base", sos=False),
     }
 
 

@@ -9,12 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from ultralytics import YOLO
+from conftest import tiny_train
 
-from sos_detect.detect import SOSDetectionTrainer
 from sos_detect.detect.checkpoint import capture_set_for, load_detector_checkpoint, working_copy
 from sos_detect.detect.data import load_data
-from sos_detect.detect.embedded import EMBEDDED_YAML, REPO_ROOT
+from sos_detect.detect.embedded import REPO_ROOT
 from sos_detect.detect.flatness import detector_params
 from sos_detect.detect.plots import head_norm
 from sos_detect.detect.shifting import detection_loss_tensor
@@ -25,20 +24,11 @@ CPU = torch.device("cpu")
 
 
 def test_trainer_logs_trace_and_norm_and_plots(tmp_path):
-    YOLO("yolov5n.yaml").train(
-        trainer=SOSDetectionTrainer,
-        data=str(EMBEDDED_YAML),
+    tiny_train(
+        tmp_path,
+        "h",
         epochs=1,
         imgsz=128,
-        batch=8,
-        device="cpu",
-        amp=False,
-        workers=0,
-        seed=0,
-        plots=False,
-        verbose=False,
-        project=str(tmp_path),
-        name="h",
         sos_start=0,
         sos_images=8,
         sos_hessian_every=1,

@@ -6,6 +6,7 @@ import contextlib
 import json
 import math
 import time
+from types import SimpleNamespace
 from typing import Any
 
 from ultralytics.cfg import cfg2dict
@@ -47,11 +48,7 @@ def check_sos_args(args: Any) -> None:
     if args.sos_start is not None and (not isinstance(args.sos_start, int) or args.sos_start < 0):
         raise ValueError(f"sos_start must be an integer >= 0, got {args.sos_start!r}")
     parse_heads(args.sos_heads)
-    try:
-        check_shift_options(args.sos_mode, args.sos_tau, args.sos_rows, args.sos_loss_tol)
-    except ValueError as err:
-        msg = str(err).replace("mode", "sos_mode", 1).replace("tau", "sos_tau").replace("rows", "sos_rows")
-        raise ValueError(msg.replace("loss_tol", "sos_loss_tol")) from err
+    check_shift_options(args.sos_mode, args.sos_tau, args.sos_rows, args.sos_loss_tol, prefix="sos_")
 
 
 class SOSDetectionTrainer(DetectionTrainer):
@@ -63,8 +60,10 @@ class SOSDetectionTrainer(DetectionTrainer):
     """
 
     def __init__(self, cfg=DEFAULT_CFG, overrides: dict | None = None, _callbacks: dict | None = None):
-        super().__init__({**SOS_DEFAULTS, **cfg2dict(cfg)}, overrides, _callbacks)
-        check_sos_args(self.args)
+        cfg = {**SOS_DEFAULTS, **cfg2dict(cfg)}
+        check_sos_args(SimpleNamespace(**{**cfg, **(overrides or {})}))  # before anything is written to disk
+        super().__init__(cfg, overrides, _callbacks)
+        check_sos_args(self.args)  # again: a resumed run takes its options from the checkpoint
         self._capture: CaptureSet | None = None
         self._sos_row = self._empty_row()
 

@@ -36,7 +36,7 @@ PRESETS = {
     "mini": TrainConfig(
         model="smallcnn",
         data="fashion-mnist",
-        epochs=8,
+        epochs=6,
         batch_size=128,
         lr=0.05,
         weight_decay=5e-4,
