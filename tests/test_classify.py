@@ -136,3 +136,30 @@ def test_weights_with_wrong_class_count(tmp_path):
     assert res.returncode == 2
     assert "w.pt" in res.stderr and "class count" in res.stderr
     assert Path(tmp_path / "w.pt").is_file()
+
+
+@pytest.mark.parametrize(
+    "name,last", [("resnet18", "fc"), ("resnet50", "fc"), ("vgg16_bn", "classifier.3"), ("densenet201", "classifier")]
+)
+def test_cifar_models_take_32px_and_end_in_the_shifted_linear(name, last):
+    from sos_detect.classify.models import build_model, final_linear
+
+    model = build_model(name, num_classes=100).eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 100)
+    layer_name, layer = final_linear(model)
+    assert layer_name == last and layer.out_features == 100
+
+
+def test_imagenet_model_weights_from_a_local_file(tmp_path):
+    from sos_detect.classify.models import build_model
+
+    source = build_model("shufflenet_v2_x1_0", num_classes=1000)
+    torch.save({"state_dict": source.state_dict()}, tmp_path / "shufflenet.pt")
+    loaded = build_model("shufflenet_v2_x1_0", num_classes=1000, weights=tmp_path / "shufflenet.pt")
+    for (k, a), (_, b) in zip(source.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
+    with pytest.raises(ValueError, match="class count"):
+        build_model("shufflenet_v2_x1_0", num_classes=10, weights=tmp_path / "shufflenet.pt")
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        build_model("resnet50_imagenet", num_classes=1000, weights=tmp_path / "missing.pt")

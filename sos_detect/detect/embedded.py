@@ -22,7 +22,6 @@ SOURCES = (
     "2019_YELL_2_541000_4977000_image_crop",
     "2019_YELL_2_528000_4978000_image_crop2",
 )
-NAMES = {0: "Tree"}
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EMBEDDED_YAML = REPO_ROOT / "configs" / "deepforest.yaml"
 
