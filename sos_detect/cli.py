@@ -385,9 +385,10 @@ def cmd_val(a: argparse.Namespace) -> int:
 def _extra_metrics(a: argparse.Namespace, data: dict[str, Any]) -> None:
     from sos_detect.detect.data import image_files
     from sos_detect.detect.evaluate import coco_eval, load_ground_truth, predict, voc07_map
+    from sos_detect.detect.voc import difficult_file_for
 
     files = image_files(data["val"])
-    sidecar = Path(files[0]).parent.parent.parent / "difficult_val.json"
+    sidecar = difficult_file_for(files)
     truths = load_ground_truth(files, sidecar)
     dets = predict(a.weights, files, imgsz=a.imgsz, batch=a.batch, device=_device(a.device))
     if a.voc07:

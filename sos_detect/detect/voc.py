@@ -50,6 +50,16 @@ class ConversionSummary:
         return "\n".join(lines)
 
 
+def difficult_file(dataset_root: Path, split: str) -> Path:
+    """Where the converter records the `difficult` boxes of a split: `<root>/difficult_{split}.json`."""
+    return Path(dataset_root) / f"difficult_{split}.json"
+
+
+def difficult_file_for(image_files: list[Path], split: str = "val") -> Path:
+    """The sidecar of a split whose images live in `<root>/images/<split>/` (it may not exist)."""
+    return difficult_file(Path(image_files[0]).parent.parent.parent, split)
+
+
 def _convert_one(task: tuple[str, str, str, str]) -> tuple[str, list[str], list[list[float]], list[str], str | None]:
     """One image: (stem, label lines, difficult boxes [cls, x1, y1, x2, y2] in pixels, anomalies, image path)."""
     xml_path, img_path, stem, _split = task
@@ -146,7 +156,7 @@ def convert_voc(root: str | Path, out: str | Path, workers: int | None = None) -
                 summary.difficult[split] += len(difficult)
                 if difficult:
                     difficult_map[stem] = difficult
-        (out / f"difficult_{split}.json").write_text(json.dumps(difficult_map))
+        difficult_file(out, split).write_text(json.dumps(difficult_map))
     if not summary.images:
         raise FileNotFoundError(f"{root}: no images converted ({len(summary.anomalies)} anomalies)")
     write_voc_yaml(out)

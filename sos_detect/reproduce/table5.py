@@ -142,6 +142,7 @@ def _final_metrics(run_dir: Path, data_yaml: str) -> dict[str, float]:
 
     from sos_detect.detect.data import image_files, load_data
     from sos_detect.detect.evaluate import load_ground_truth, predict, voc07_map
+    from sos_detect.detect.voc import difficult_file_for
 
     weights = run_dir / "weights" / "last.pt"
     args = _run_args(run_dir)
@@ -151,7 +152,7 @@ def _final_metrics(run_dir: Path, data_yaml: str) -> dict[str, float]:
     result = {"map50": float(metrics.box.map50), "map5095": float(metrics.box.map), "voc07": float("nan")}
     _, data = load_data(data_yaml)
     files = image_files(data["val"])
-    sidecar = Path(files[0]).parent.parent.parent / "difficult_val.json"
+    sidecar = difficult_file_for(files)
     if sidecar.is_file():
         dets = predict(weights, files, imgsz=args["imgsz"], batch=args["batch"], device=args["device"])
         result["voc07"] = voc07_map(dets, load_ground_truth(files, sidecar), int(data["nc"]))[0]
