@@ -210,6 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
     ct.add_argument("--nso-perturbations", type=int, default=1, help="NSO: perturbation pairs ±U per step")
     ct.add_argument("--mixup", type=float, default=0.0, help="Mixup Beta(α, α); 0 = off")
     ct.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
+    ct.add_argument(
+        "--resume",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="continue an interrupted run in --out from its last.pt (default on; its settings must match)",
+    )
     ct.add_argument("--out", default="runs/classify/train", help="output folder")
 
     r = sub.add_parser("reproduce", help="reproduce the paper's tables")
@@ -241,8 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     rc = rsub.add_parser(
         "classify",
         help="SGD/SAM/NSO with and without SOS over seeds (Table 3 style)",
-        description="Trains every scheme × seed (finished runs are read back) and writes "
-        "classify.md and classify.csv with mean ± std and paired differences.",
+        description="Trains every scheme × seed (finished runs are read back, interrupted ones resumed) and "
+        "writes classify.md and classify.csv with mean ± std and paired differences.",
     )
     rc.add_argument(
         "--preset",
@@ -252,9 +258,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rc.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     rc.add_argument("--schemes", default=None, help="comma-separated subset of sgd,sgd+sos,sam,sam+sos,nso,nso+sos")
-    rc.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
+    rc.add_argument("--model", default=None, help="override the preset's model (e.g. vgg16_bn, densenet201)")
+    rc.add_argument("--data", default=None, help="override the preset's dataset (cifar10, cifar100, ..., digits)")
     rc.add_argument("--root", default=None, help="dataset root")
+    rc.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
+    rc.add_argument("--batch", type=int, default=None, help="override the preset's batch size")
+    rc.add_argument("--train-subset", type=int, default=None, help="use this many training samples")
+    rc.add_argument("--test-subset", type=int, default=None, help="use this many test samples")
     rc.add_argument("--device", default=None, help="override the preset's device")
+    rc.add_argument(
+        "--paper-figures",
+        default=None,
+        help="CSV with columns scheme,top1 (published test top-1 in %%) to set beside the measured table",
+    )
     rc.add_argument("--out", default="runs/classify_table", help="output folder")
     return parser
 
@@ -523,6 +539,7 @@ def cmd_classify(a: argparse.Namespace) -> int:
             nso_perturbations=a.nso_perturbations,
             mixup=a.mixup,
             amp=a.amp,
+            resume=a.resume,
             out=a.out,
         )
         final = train(cfg)["final"]
@@ -564,13 +581,28 @@ def cmd_reproduce(a: argparse.Namespace) -> int:
     if a.table == "classify":
         from sos_detect.reproduce.classify import SCHEMES, reproduce_classify
 
-        overrides = {k: v for k, v in (("epochs", a.epochs), ("root", a.root), ("device", a.device)) if v is not None}
+        given = {
+            "model": a.model,
+            "data": a.data,
+            "root": a.root,
+            "epochs": a.epochs,
+            "batch_size": a.batch,
+            "train_subset": a.train_subset,
+            "test_subset": a.test_subset,
+            "device": a.device,
+        }
+        overrides = {k: v for k, v in given.items() if v is not None}
         schemes = tuple(a.schemes.split(",")) if a.schemes else SCHEMES
         bad = [s for s in schemes if s not in SCHEMES]
         if bad:
             raise ValueError(f"--schemes: unknown {bad}; choose from {SCHEMES}")
         md, csv_path = reproduce_classify(
-            a.preset, Path(a.out), seeds=[int(s) for s in a.seeds.split(",")], schemes=schemes, overrides=overrides
+            a.preset,
+            Path(a.out),
+            seeds=[int(s) for s in a.seeds.split(",")],
+            schemes=schemes,
+            overrides=overrides,
+            paper_figures=a.paper_figures,
         )
         print(md.read_text())
         print(f"written: {md}, {csv_path}")
@@ -618,7 +650,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except (FileNotFoundError, ValueError, TypeError, SyntaxError) as err:
-        print(f"sos-detect {args.command}: error: {str(err).splitlines()[0] if str(err) else err!r}", file=sys.stderr)
+        message = str(err).splitlines()[0] if str(err) else repr(err)
+        print(f"sos-detect {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

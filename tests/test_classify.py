@@ -101,6 +101,60 @@ def test_sos_in_the_loop_lowers_last_norm_with_bounded_loss(tmp_path, mode):
     assert result["final"]["last_norm"] == pytest.approx(float(final.norm()), rel=1e-6)
 
 
+class InterruptAt(torch.utils.data.Dataset):
+    """Delegates to a dataset and raises KeyboardInterrupt (a user's Ctrl-C) when its n-th item is read."""
+
+    def __init__(self, ds, n):
+        self.ds, self.n, self.read = ds, n, 0
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        self.read += 1
+        if self.read == self.n:
+            raise KeyboardInterrupt
+        return self.ds[i]
+
+
+def without_seconds(rows):
+    return [{k: v for k, v in r.items() if "seconds" not in k} for r in rows]
+
+
+def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
+    from dataclasses import replace
+
+    from sos_detect.classify.data import load_classification_data
+
+    # NSO noise, Mixup, shuffling and SOS sampling all draw random numbers: each stream must be restored
+    kw = dict(optimizer="nso", sigma=0.005, mixup=0.2, sos=True, sos_mode="paper", sos_batch=32)
+    straight = train(digits_cfg(tmp_path / "straight", **kw))
+    cfg = digits_cfg(tmp_path / "resumed", **kw)
+    data = load_classification_data("digits")
+    cut = replace(data, train=InterruptAt(data.train, int(1.5 * len(data.train))))  # in the middle of epoch 2
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, cut)
+    saved = torch.load(tmp_path / "resumed" / "last.pt", weights_only=False)
+    assert [r["epoch"] for r in saved["rows"]] == [1]
+
+    with pytest.raises(ValueError, match=r"last\.pt.*lr 0\.05 → 0\.1"):
+        train(replace(cfg, lr=0.1))  # other settings are refused, nothing is touched
+    resumed = train(cfg)
+    assert without_seconds(resumed["rows"]) == without_seconds(straight["rows"])
+    a = torch.load(tmp_path / "straight" / "model.pt")["model"]
+    b = torch.load(tmp_path / "resumed" / "model.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    logs = [
+        without_seconds([json.loads(x) for x in (tmp_path / d / "sos_log.jsonl").read_text().splitlines()])
+        for d in ("straight", "resumed")
+    ]
+    assert [e["epoch"] for e in logs[1]] == [1, 2, 3] and logs[0] == logs[1]
+    assert not (tmp_path / "resumed" / "last.pt").exists()  # a finished run leaves model.pt only
+
+    fresh = train(replace(cfg, lr=0.1, resume=False))  # --no-resume starts over in the same folder
+    assert [r["epoch"] for r in fresh["rows"]] == [1, 2, 3]
+
+
 def test_read_idx_roundtrip(tmp_path):
     arr = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
     raw = bytes([0, 0, 8, 3]) + b"".join(int(d).to_bytes(4, "big") for d in arr.shape) + arr.tobytes()

@@ -20,6 +20,8 @@ from sos_detect.classify.optim import NSO, SAM
 from sos_detect.layers import ShiftReport, check_shift_options, shift_model
 
 OPTIMIZERS = ("sgd", "sam", "nso")
+CHECKPOINT = "last.pt"  # written after every epoch, removed when the run finishes
+RESUME_FREE = ("out", "device", "workers", "resume")  # settings a resumed run may change
 
 
 @dataclass
@@ -53,6 +55,7 @@ class TrainConfig:
     device: str = "cpu"
     amp: bool = False  # bf16 autocast on CUDA
     workers: int = 0
+    resume: bool = True  # continue an interrupted run from out/last.pt
     out: str = "runs/classify/train"
 
     def check(self) -> None:
@@ -164,8 +167,52 @@ def _lr_factor(cfg: TrainConfig, epoch: int) -> float:
     return 0.1 ** sum(epoch >= f * cfg.epochs for f in (0.5, 0.75))
 
 
+def _rng_states(loader: DataLoader, opt: torch.optim.Optimizer, device: torch.device) -> dict[str, Any]:
+    """Every random stream the loop draws from: global CPU (augmentation, Mixup), shuffling, NSO noise, CUDA."""
+    return {
+        "torch": torch.get_rng_state(),
+        "loader": loader.generator.get_state(),
+        "nso": opt.generator.get_state() if isinstance(opt, NSO) else None,
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+    }
+
+
+def _set_rng_states(states: dict[str, Any], loader: DataLoader, opt: torch.optim.Optimizer, device) -> None:
+    torch.set_rng_state(states["torch"])
+    loader.generator.set_state(states["loader"])
+    if isinstance(opt, NSO):
+        opt.generator.set_state(states["nso"])
+    if device.type == "cuda" and states["cuda"] is not None:
+        torch.cuda.set_rng_state(states["cuda"], device)
+
+
+def changed_settings(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
+    """'key saved → now' for every setting of a saved run that differs from cfg (RESUME_FREE aside)."""
+    now = asdict(cfg)
+    return [f"{k} {saved.get(k)!r} → {now[k]!r}" for k in now if k not in RESUME_FREE and saved.get(k) != now[k]]
+
+
+def _load_checkpoint(cfg: TrainConfig, out: Path) -> dict[str, Any] | None:
+    """out/last.pt of an interrupted run with the same settings (RESUME_FREE aside); None to start afresh."""
+    path = out / CHECKPOINT
+    if not (cfg.resume and path.is_file()):
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    changed = changed_settings(state["config"], cfg)
+    if changed:
+        raise ValueError(
+            f"{path}: an unfinished run with other settings ({', '.join(changed)}); rerun with its settings, "
+            "pass --no-resume to start over, or choose another --out"
+        )
+    return state
+
+
 def train(cfg: TrainConfig, data: ClassificationData | None = None) -> dict[str, Any]:
-    """Train with the configured scheme; writes log.csv, sos_log.jsonl and model.pt under cfg.out."""
+    """Train with the configured scheme; writes log.csv, sos_log.jsonl and model.pt under cfg.out.
+
+    After every epoch out/last.pt holds the model, optimiser, log and random states, so a rerun with the same
+    settings continues an interrupted run exactly where it stopped (the same weights as an uninterrupted run).
+    """
     cfg.check()
     torch.manual_seed(cfg.seed)
     device = torch.device(cfg.device)
@@ -183,14 +230,20 @@ def train(cfg: TrainConfig, data: ClassificationData | None = None) -> dict[str,
     base = getattr(opt, "base_optimizer", opt)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
-    (out / "sos_log.jsonl").unlink(missing_ok=True)
     loader = _loader(data.train, cfg.batch_size, True, cfg.seed, cfg.workers)
+    rows: list[dict[str, float]] = []
+    state = _load_checkpoint(cfg, out)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        base.load_state_dict(state["optimizer"])
+        _set_rng_states(state["rng"], loader, opt, device)
+        rows = state["rows"]
+    _keep_log_until(out / "sos_log.jsonl", len(rows))
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
     mix = torch.distributions.Beta(cfg.mixup, cfg.mixup) if cfg.mixup > 0 else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda")
-    rows = []
-    start = time.time()
-    for epoch in range(cfg.epochs):
+    start = time.time() - (rows[-1]["seconds"] if rows else 0.0)
+    for epoch in range(len(rows), cfg.epochs):
         for g in base.param_groups:
             g["lr"] = cfg.lr * _lr_factor(cfg, epoch)
         model.train()
@@ -237,12 +290,37 @@ def train(cfg: TrainConfig, data: ClassificationData | None = None) -> dict[str,
                 "seconds": time.time() - start,
             }
         )
+        _atomic_save(
+            {
+                "model": model.state_dict(),
+                "optimizer": base.state_dict(),
+                "rng": _rng_states(loader, opt, device),
+                "rows": rows,
+                "config": asdict(cfg),
+            },
+            out / CHECKPOINT,
+        )
     with open(out / "log.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    torch.save({"model": model.state_dict(), "config": asdict(cfg)}, out / "model.pt")
+    _atomic_save({"model": model.state_dict(), "config": asdict(cfg)}, out / "model.pt")
+    (out / CHECKPOINT).unlink(missing_ok=True)
     return {"final": rows[-1], "rows": rows}
+
+
+def _atomic_save(obj: dict[str, Any], path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def _keep_log_until(path: Path, epochs: int) -> None:
+    """Keep the SOS log entries of the first `epochs` epochs (all of a resumed run's, none of a fresh one's)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines(keepends=True) if json.loads(line)["epoch"] <= epochs]
+    path.write_text("".join(kept))
 
 
 def _sgd_step(opt: torch.optim.Optimizer, closure) -> torch.Tensor:

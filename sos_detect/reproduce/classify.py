@@ -1,17 +1,19 @@
 """Classification tables: SGD, SAM, NSO, each with and without SOS, over seeds; resumable.
 
-The paper's Table 3 figures are not bundled (they could not be checked here); the table reports what was
-measured, with paired per-seed differences (scheme+SOS − scheme).
+The paper's Table 3 figures are not bundled (they could not be checked here): `read_paper_figures` takes them
+from a CSV the user writes, and the table then sets them beside what was measured.
 """
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from sos_detect.classify.train import TrainConfig, train
+from sos_detect.classify.train import TrainConfig, changed_settings, train
 from sos_detect.reproduce.stats import fmt, markdown_table, mean_std, paired_differences, write_csv
 
 SCHEMES = ("sgd", "sgd+sos", "sam", "sam+sos", "nso", "nso+sos")
@@ -54,10 +56,14 @@ PRESETS = {
 def run_scheme(scheme: str, seed: int, base: TrainConfig, out: Path) -> dict[str, Any]:
     run_dir = out / "runs" / f"{scheme.replace('+', '_')}_s{seed}"
     done = run_dir / "done.json"
-    if done.is_file():
-        return json.loads(done.read_text())
     optimizer, _, sos = scheme.partition("+")
     cfg = replace(base, optimizer=optimizer, sos=bool(sos), seed=seed, out=str(run_dir))
+    if done.is_file():
+        record = json.loads(done.read_text())
+        changed = changed_settings(record["config"], cfg)
+        if changed:
+            raise ValueError(f"{done}: a finished run with other settings ({', '.join(changed)}); choose another --out")
+        return record
     result = train(cfg)
     final = result["final"]
     record = {
@@ -73,7 +79,31 @@ def run_scheme(scheme: str, seed: int, base: TrainConfig, out: Path) -> dict[str
     return record
 
 
-def aggregate(results: list[dict[str, Any]]) -> tuple[list[dict], str]:
+def read_paper_figures(path: str | Path) -> dict[str, float]:
+    """Published test top-1 (%) per scheme from a CSV with columns `scheme,top1` (e.g. sgd,76.50)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: paper figures file not found (--paper-figures)")
+    reader = csv.DictReader(path.read_text().splitlines())
+    if not {"scheme", "top1"} <= set(reader.fieldnames or ()):
+        raise ValueError(f"{path}: needs a header with columns scheme,top1, got {reader.fieldnames}")
+    figures = {}
+    for line, row in enumerate(reader, start=2):
+        scheme, value = (row["scheme"] or "").strip(), (row["top1"] or "").strip()
+        if scheme not in SCHEMES:
+            raise ValueError(f"{path}:{line}: unknown scheme {scheme!r}; choose from {SCHEMES}")
+        try:
+            figures[scheme] = float(value)
+        except ValueError:
+            raise ValueError(f"{path}:{line}: top1 must be a number in percent, got {value!r}") from None
+        if not 0 <= figures[scheme] <= 100:
+            raise ValueError(f"{path}:{line}: top1 is in percent (0-100), got {value}")
+    return figures
+
+
+def aggregate(results: list[dict[str, Any]], paper: dict[str, float] | None = None) -> tuple[list[dict], str]:
+    """Rows per scheme (mean ± std) and per scheme+SOS − scheme (paired by seed); paper top-1 beside if given."""
+    paper = paper or {}
     rows, md_rows, diff_rows = [], [], []
     by = {s: {r["seed"]: r for r in results if r["scheme"] == s} for s in dict.fromkeys(r["scheme"] for r in results)}
     for scheme, per in by.items():
@@ -84,6 +114,7 @@ def aggregate(results: list[dict[str, Any]]) -> tuple[list[dict], str]:
                 "seeds": len(per),
                 **{f"{k}_{s}": v for k, (m, sd) in stats.items() for s, v in (("mean", m), ("std", sd))},
                 "per_seed_top1": json.dumps({s: round(r["top1"], 5) for s, r in per.items()}),
+                "paper_top1": paper.get(scheme, math.nan),
             }
         )
         md_rows.append(
@@ -94,6 +125,7 @@ def aggregate(results: list[dict[str, Any]]) -> tuple[list[dict], str]:
                 fmt(*stats["top5"]),
                 fmt(*stats["last_norm"], scale=1.0, digits=3),
             ]
+            + ([_paper_cells(paper.get(scheme), stats["top1"][0])] if paper else [])
         )
         if scheme.endswith("+sos") and scheme[:-4] in by:
             diffs = paired_differences(
@@ -114,10 +146,17 @@ def aggregate(results: list[dict[str, Any]]) -> tuple[list[dict], str]:
             )
     fields = ["row", "seeds"] + sorted({k for r in rows for k in r} - {"row", "seeds"})
     rows = [{k: r.get(k, "") for k in fields} for r in rows]
-    md = markdown_table(["scheme", "seeds", "test top-1 (%)", "test top-5 (%)", "last-layer norm"], md_rows)
+    header = ["scheme", "seeds", "test top-1 (%)", "test top-5 (%)", "last-layer norm"]
+    md = markdown_table(header + (["paper top-1 (%) / ours − paper"] if paper else []), md_rows)
     md += "\n\nPaired differences in test top-1 (percentage points):\n\n"
     md += markdown_table(["comparison", "per seed", "mean ± std"], diff_rows)
     return rows, md
+
+
+def _paper_cells(published: float | None, ours: float) -> str:
+    if published is None:
+        return "–"
+    return f"{published:.2f} / {ours * 100 - published:+.2f}"
 
 
 def reproduce_classify(
@@ -127,15 +166,24 @@ def reproduce_classify(
     seeds: list[int],
     schemes: tuple[str, ...] = SCHEMES,
     overrides: dict[str, Any] | None = None,
+    paper_figures: str | Path | None = None,
 ) -> tuple[Path, Path]:
+    """Train every scheme × seed (finished runs read back, interrupted ones resumed); write classify.md/.csv."""
     base = replace(PRESETS[preset], **(overrides or {}))
+    base.check()
+    paper = read_paper_figures(paper_figures) if paper_figures else None
     out = out.resolve()
     results = [run_scheme(scheme, seed, base, out) for seed in seeds for scheme in schemes]
-    rows, table = aggregate(results)
+    rows, table = aggregate(results, paper)
     write_csv(out / "classify.csv", rows)
-    settings = {k: v for k, v in asdict(base).items() if k not in ("out", "optimizer", "sos", "seed")}
+    settings = {k: v for k, v in asdict(base).items() if k not in ("out", "optimizer", "sos", "seed", "resume")}
+    source = (
+        f"Paper top-1 from {paper_figures}."
+        if paper
+        else "The paper's Table 3 figures are not bundled; `--paper-figures CSV` sets them beside these."
+    )
     (out / "classify.md").write_text(
         f"# Classification reproduction — preset `{preset}`\n\n{table}\n\nFinal-epoch test accuracy, mean ± sample "
-        f"std over seeds {seeds}. The paper's Table 3 figures are not bundled here.\nSettings: {json.dumps(settings)}\n"
+        f"std over seeds {seeds}. {source}\nSettings: {json.dumps(settings)}\n"
     )
     return out / "classify.md", out / "classify.csv"
