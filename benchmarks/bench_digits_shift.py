@@ -33,7 +33,7 @@ def main() -> None:
         model = copy.deepcopy(trained)
         with torch.no_grad():
             loss0, acc0 = float(ce(model(x), y)), float((model(xt).argmax(1) == yt).float().mean())
-        report = shift_model(model, {"fc": model[4]}, x.split(256), mode=mode, tau=tau, rows=b, seed=0)
+        report = shift_model(model, {"fc": model[5]}, x.split(256), mode=mode, tau=tau, rows=b, seed=0)
         with torch.no_grad():
             loss1, acc1 = float(ce(model(x), y)), float((model(xt).argmax(1) == yt).float().mean())
         r = report.layers[0]

@@ -97,7 +97,7 @@ def test_sos_in_the_loop_lowers_last_norm_with_bounded_loss(tmp_path, mode):
         else:  # τ = 0 on b = 32 < 64 sampled rows: outputs on them are kept, so is their loss
             assert e["loss_after"] == pytest.approx(e["loss_before"], rel=1e-4)
     # the logged norm is the model's final-layer norm after the shift
-    final = torch.load(tmp_path / "model.pt")["model"]["4.weight"]
+    final = torch.load(tmp_path / "model.pt")["model"]["5.weight"]
     assert result["final"]["last_norm"] == pytest.approx(float(final.norm()), rel=1e-6)
 
 
@@ -190,6 +190,13 @@ def test_weights_with_wrong_class_count(tmp_path):
     assert res.returncode == 2
     assert "w.pt" in res.stderr and "class count" in res.stderr
     assert Path(tmp_path / "w.pt").is_file()
+
+
+def test_model_that_cannot_take_the_inputs(tmp_path):
+    res = cli("train", "--model", "vgg16_bn", "--data", "digits", "--epochs", 1, "--out", tmp_path / "o")
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
+    assert "--model vgg16_bn cannot take --data digits inputs of shape (1, 8, 8)" in res.stderr
+    assert not (tmp_path / "o" / "last.pt").exists()
 
 
 @pytest.mark.parametrize(

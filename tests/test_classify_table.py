@@ -81,3 +81,19 @@ def test_paper_figures_read_back(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.csv"):
         read_paper_figures(tmp_path / "missing.csv")
     assert not Path(tmp_path / "missing.csv").exists()
+
+
+def test_paper_preset_runs_offline_with_digits_in_place_of_cifar(tmp_path):
+    """The paper preset's model and SOS settings (ResNet-18 CIFAR stem, paper mode b = 300 < 512, step LR, SAM
+    ρ = 0.1) end to end on CPU; only the data (digits, shipped by scikit-learn) and the length differ."""
+    cmd = [sys.executable, "-m", "sos_detect.cli", "reproduce", "classify", "--preset", "paper", "--data", "digits"]
+    cmd += ["--device", "cpu", "--epochs", "1", "--seeds", "0", "--schemes", "sam+sos", "--out", str(tmp_path)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    run = tmp_path / "runs" / "sam_sos_s0"
+    config = json.loads((run / "done.json").read_text())["config"]
+    assert (config["model"], config["sos_mode"], config["sos_batch"], config["rho"]) == ("resnet18", "paper", 300, 0.1)
+    (entry,) = [json.loads(x) for x in (run / "sos_log.jsonl").read_text().splitlines()]
+    layer = entry["layers"][0]
+    assert entry["applied"] and layer["rows"] == 300 and layer["rank"] <= 300
+    assert layer["norm_after"] < layer["norm_before"]  # 300 rows cannot span the 512 inputs of fc

@@ -127,19 +127,19 @@ def test_digits_mlp_guarded_shift(digits):
     ce = nn.functional.cross_entropy
     with torch.no_grad():
         loss0, acc0 = float(ce(model(x), y)), (model(xt).argmax(1) == yt).float().mean()
-    report = shift_model(model, {"fc": model[4]}, x.split(256), tau=1e-4)
+    report = shift_model(model, {"fc": model[5]}, x.split(256), tau=1e-4)
     with torch.no_grad():
         loss1, acc1 = float(ce(model(x), y)), (model(xt).argmax(1) == yt).float().mean()
     r = report.layers[0]
     assert report.applied and r.rows == len(x)
     assert r.norm_after < r.norm_before
-    assert r.norm_after == pytest.approx(float(model[4].weight.detach().norm()), rel=1e-6)
+    assert r.norm_after == pytest.approx(float(model[5].weight.detach().norm()), rel=1e-6)
     assert r.out_change_measured <= 1e-4 * (1 + 1e-3)
     # measured output change on the real outputs, computed directly from the features
     with torch.no_grad():
-        feats = model[:4](x).double()
-    w0 = trained[4].weight.detach().double()
-    direct = float((feats @ (model[4].weight.detach().double() - w0).T).norm() / (feats @ w0.T).norm())
+        feats = model[:5](x).double()
+    w0 = trained[5].weight.detach().double()
+    direct = float((feats @ (model[5].weight.detach().double() - w0).T).norm() / (feats @ w0.T).norm())
     assert direct == pytest.approx(r.out_change_measured, rel=1e-3, abs=1e-7)
     assert abs(loss1 - loss0) / loss0 <= 1e-3
     assert acc1 == acc0

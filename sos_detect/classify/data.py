@@ -109,8 +109,8 @@ def load_classification_data(
         from sos_detect.classify.digits import load_digits_split
 
         x, y, xt, yt = load_digits_split(seed=0)
-        train = torch.utils.data.TensorDataset(x, y)
-        test = torch.utils.data.TensorDataset(xt, yt)
+        train = torch.utils.data.TensorDataset(x.view(-1, 1, 8, 8), y)  # images: conv models take them too
+        test = torch.utils.data.TensorDataset(xt.view(-1, 1, 8, 8), yt)
         return ClassificationData(
             _subset(train, train_subset, seed),
             _subset(train, train_subset, seed),

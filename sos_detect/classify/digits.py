@@ -19,8 +19,10 @@ def load_digits_split(seed: int = 0, test_fraction: float = 0.25) -> tuple[Tenso
 
 
 def digits_mlp(hidden: int = 64) -> nn.Sequential:
-    """64 → hidden → hidden → 10 ReLU MLP; the last nn.Linear is the layer SOS shifts."""
-    return nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+    """64 → hidden → hidden → 10 ReLU MLP on flat or 1×8×8 input; the last nn.Linear (index 5) is shifted."""
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 10)
+    )
 
 
 def train_digits_mlp(x: Tensor, y: Tensor, *, epochs: int = 60, seed: int = 0, hidden: int = 64) -> nn.Sequential:

@@ -186,6 +186,26 @@ def _set_rng_states(states: dict[str, Any], loader: DataLoader, opt: torch.optim
         torch.cuda.set_rng_state(states["cuda"], device)
 
 
+def _check_fit(model: nn.Module, data: ClassificationData, cfg: TrainConfig) -> None:
+    """The model takes the data's inputs and has one output per class (one test sample, eval mode)."""
+    _, last = final_linear(model)
+    if last.out_features != data.num_classes:
+        raise ValueError(
+            f"--model {cfg.model} ends in {last.out_features} outputs but --data {cfg.data} has "
+            f"{data.num_classes} classes"
+        )
+    x = data.test[0][0][None].to(next(model.parameters()).device)
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(x)
+    except RuntimeError as err:
+        raise ValueError(
+            f"--model {cfg.model} cannot take --data {cfg.data} inputs of shape {tuple(x.shape[1:])}: "
+            f"{str(err).splitlines()[0]}"
+        ) from None
+
+
 def changed_settings(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
     """'key saved → now' for every setting of a saved run that differs from cfg (RESUME_FREE aside)."""
     now = asdict(cfg)
@@ -220,12 +240,7 @@ def train(cfg: TrainConfig, data: ClassificationData | None = None) -> dict[str,
         cfg.data, cfg.root, train_subset=cfg.train_subset, test_subset=cfg.test_subset, seed=cfg.seed
     )
     model = build_model(cfg.model, data.num_classes, data.in_ch, cfg.weights).to(device)
-    _, last = final_linear(model)
-    if last.out_features != data.num_classes:
-        raise ValueError(
-            f"--model {cfg.model} ends in {last.out_features} outputs but --data {cfg.data} has "
-            f"{data.num_classes} classes"
-        )
+    _check_fit(model, data, cfg)
     opt = _optimizer(model, cfg)
     base = getattr(opt, "base_optimizer", opt)
     out = Path(cfg.out)
