@@ -134,7 +134,7 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
     cut = replace(data, train=InterruptAt(data.train, int(1.5 * len(data.train))))  # in the middle of epoch 2
     with pytest.raises(KeyboardInterrupt):
         train(cfg, cut)
-    saved = torch.load(tmp_path / "resumed" / "last.pt", weights_only=False)
+    saved = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
     assert [r["epoch"] for r in saved["rows"]] == [1]
 
     with pytest.raises(ValueError, match=r"last\.pt.*lr 0\.05 → 0\.1"):

@@ -217,7 +217,7 @@ def _load_checkpoint(cfg: TrainConfig, out: Path) -> dict[str, Any] | None:
     path = out / CHECKPOINT
     if not (cfg.resume and path.is_file()):
         return None
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = torch.load(path, map_location="cpu", weights_only=True)
     changed = changed_settings(state["config"], cfg)
     if changed:
         raise ValueError(
