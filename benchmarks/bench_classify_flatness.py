@@ -76,7 +76,7 @@ class Flatness:
         return {"loss": op.loss, "quad": quad, "trace": float(quad.mean()), "top_eig": eig, **self.last_block(model)}
 
     def last_block(self, model: nn.Module) -> dict:
-        name, layer = final_linear(model)
+        _, layer = final_linear(model)
         feats = []
         hook = layer.register_forward_hook(lambda m, i, o: feats.append(i[0].detach()))
         with torch.no_grad():
