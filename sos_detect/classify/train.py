@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from sos_detect.classify.data import ClassificationData, load_classification_data
 from sos_detect.classify.models import build_model, final_linear
 from sos_detect.classify.optim import NSO, SAM
+from sos_detect.files import save_atomic
 from sos_detect.layers import ShiftReport, check_shift_options, shift_model
 
 OPTIMIZERS = ("sgd", "sam", "nso")
@@ -305,7 +306,7 @@ def train(cfg: TrainConfig, data: ClassificationData | None = None) -> dict[str,
                 "seconds": time.time() - start,
             }
         )
-        _atomic_save(
+        save_atomic(
             {
                 "model": model.state_dict(),
                 "optimizer": base.state_dict(),
@@ -319,15 +320,9 @@ def train(cfg: TrainConfig, data: ClassificationData | None = None) -> dict[str,
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    _atomic_save({"model": model.state_dict(), "config": asdict(cfg)}, out / "model.pt")
+    save_atomic({"model": model.state_dict(), "config": asdict(cfg)}, out / "model.pt")
     (out / CHECKPOINT).unlink(missing_ok=True)
     return {"final": rows[-1], "rows": rows}
-
-
-def _atomic_save(obj: dict[str, Any], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
 
 
 def _keep_log_until(path: Path, epochs: int) -> None:

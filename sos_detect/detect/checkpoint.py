@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +10,7 @@ import torch
 
 from sos_detect.detect.heads import detect_head
 from sos_detect.detect.shifting import build_capture_set, shift_detector
+from sos_detect.files import save_atomic
 from sos_detect.layers import ShiftReport
 
 
@@ -102,10 +102,5 @@ def shift_checkpoint(
     new["optimizer"] = None  # first moments belong to pre-shift weights; a shifted checkpoint is final
     new["sos_shift"] = {k: r.to_dict() for k, r in reports.items()}
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    try:
-        torch.save(new, tmp)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    save_atomic(new, out)
     return reports, out
