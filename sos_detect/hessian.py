@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -30,11 +30,15 @@ class TraceEstimate:
     value: float
     stderr: float  # 0 for an exact value
     probes: int  # Hessian-vector products used (0: closed form)
+    samples: list[float] = field(default_factory=list, repr=False)  # the quadratic forms averaged (Hutch++: residual)
 
     def __add__(self, other: TraceEstimate) -> TraceEstimate:
-        """The trace of two diagonal blocks together (independent errors)."""
+        """The trace of two diagonal blocks together (independent errors; the samples of both)."""
         return TraceEstimate(
-            self.value + other.value, math.hypot(self.stderr, other.stderr), self.probes + other.probes
+            self.value + other.value,
+            math.hypot(self.stderr, other.stderr),
+            self.probes + other.probes,
+            self.samples + other.samples,
         )
 
 
@@ -153,17 +157,16 @@ def hutchpp(
     A budget below 2·rank + min_probes lowers the rank to a third of it, as in the paper."""
     rank = max(1, min(rank, (max_probes - max(min_probes, 2)) // 2, max_probes // 3, op.dim))
     gen = torch.Generator().manual_seed(seed)
-    hs = op.matmat(rademacher(rank, op.dim, gen)).double()
-    q = torch.linalg.qr(hs.T).Q  # dim × rank, orthonormal columns
-    exact = float((q * op.matmat(q.T).double().T).sum())
+    hs = _products(op, rademacher(rank, op.dim, gen), progress, 0, max_probes)
+    q = torch.linalg.qr(hs.T).Q.T  # rank × dim, orthonormal rows
+    hq = _products(op, q, progress, rank, max_probes)
+    exact = float((q * hq).sum())
     used = 2 * rank
-    if progress:
-        progress(used, max_probes)
     samples: list[float] = []
     while used < max_probes:
         g = rademacher(min(op.block, max_probes - used), op.dim, gen).to(q.device)
-        g -= (g @ q) @ q.T
-        samples += (g * op.matmat(g).double()).sum(dim=1).tolist()
+        c = g @ q.T  # H(I − QQᵀ)g = Hg − (HQ)(Qᵀg): products with the raw probes, reusable across operators
+        samples += ((g - c @ q) * (op.matmat(g).double() - c @ hq)).sum(dim=1).tolist()
         used += g.shape[0]
         if progress:
             progress(used, max_probes)
@@ -173,14 +176,25 @@ def hutchpp(
     if progress:
         progress(used, used)
     rest = _mean_stderr(samples) if samples else TraceEstimate(0.0, math.inf, 0)
-    return TraceEstimate(exact + rest.value, rest.stderr, used)
+    return TraceEstimate(exact + rest.value, rest.stderr, used, samples)
+
+
+def _products(op: HessianOperator, vs: Tensor, progress: Progress | None, done: int, total: int) -> Tensor:
+    """H V in float64, `op.block` rows at a time, reporting progress."""
+    out = []
+    for chunk in vs.split(op.block):
+        out.append(op.matmat(chunk).double())
+        done += len(chunk)
+        if progress:
+            progress(done, total)
+    return torch.cat(out)
 
 
 def _mean_stderr(samples: list[float]) -> TraceEstimate:
     n = len(samples)
     mean = sum(samples) / n
     stderr = math.sqrt(sum((s - mean) ** 2 for s in samples) / (n - 1) / n) if n > 1 else math.inf
-    return TraceEstimate(mean, stderr, n)
+    return TraceEstimate(mean, stderr, n, samples)
 
 
 def top_eigenvalues(
