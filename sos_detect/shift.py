@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-_BISECTION_STEPS = 120  # log-μ bisection over [λ_min·1e-12, λ_max·1e12]: ~1e-15 relative precision in μ
+_BISECTION_STEPS = 64  # log-μ bisection over [λ_min·1e-12, λ_max·1e12]: μ to ~1e-16 relative
 
 
 class GramAccumulator:
@@ -254,9 +254,10 @@ def solve_shift(
         factors = spec.kept.to(torch.float64)
         v_new, change = stored(factors)
     else:
-        factors, mu = _ridge(lam_hi, s, energy, tau)
+        target = tau if V.dtype == torch.float64 else tau * (1 - 1e-5)  # room for rounding V' to V's dtype
+        factors, mu = _ridge(lam_hi, s, energy, target)
         v_new, change = stored(factors)
-        target, step = tau, 1e-9 * tau
+        step = 1e-9 * tau
         for _ in range(8):  # rounding to V's dtype overshot: tighten the target and solve again
             if change <= tau:
                 break
