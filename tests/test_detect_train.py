@@ -2,6 +2,7 @@
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from ultralytics.utils.patches import torch_load
 from ultralytics.utils.torch_utils import unwrap_model
 
 from sos_detect.detect import SOSDetectionTrainer, detect_head_layers
+from sos_detect.detect.embedded import REPO_ROOT
 from sos_detect.layers import as_v
 from sos_detect.shift import solve_shift
 
@@ -236,3 +238,46 @@ def test_eval_capture_option_shifts_on_separate_passes(tmp_path):
     ]
     assert all(layer["out_change"] <= 1e-4 * (1 + 1e-3) for e in log for layer in e["layers"])
     assert 0 <= log[1]["heldout_change"] < 1  # measured on the validation images
+
+
+def test_resume_both_ways_keeps_logs_consistent_with_the_checkpoint(tmp_path):
+    """Interrupted after epoch 2's metrics and log were written but before its checkpoint: the copied run resumes in
+    its own folder with every epoch logged once; plain Ultralytics resumes, validates, predicts and fine-tunes the
+    checkpoints (their train_args hold no sos_* key; the SOS options ride on the model as sos_args)."""
+    from ultralytics.models.yolo.detect import DetectionTrainer
+
+    class CutAfterMetrics(SOSDetectionTrainer):
+        def save_metrics(self, metrics):
+            super().save_metrics(metrics)
+            if self.epoch == 1:
+                raise Interrupt
+
+    settings = {**TINY, "epochs": 3, "sos_start": 0, "sos_images": 8, "sos_tau": 3e-4}
+    with pytest.raises(Interrupt):
+        YOLO("yolov5n.yaml").train(trainer=CutAfterMetrics, project=str(tmp_path), name="r", **settings)
+    run, copy = tmp_path / "r", tmp_path / "copy"
+    ckpt = torch_load(run / "weights" / "last.pt", map_location="cpu")
+    assert ckpt["epoch"] == 0 and not any(k.startswith("sos") for k in ckpt["train_args"])
+    assert ckpt["ema"].sos_args["sos_tau"] == 3e-4
+    shutil.copytree(run, copy)
+    original = {f: (run / f).read_bytes() for f in ("results.csv", "sos_log.jsonl")}
+    resumed = YOLO(str(copy / "weights" / "last.pt"))
+    resumed.train(trainer=SOSDetectionTrainer, resume=True)
+    assert resumed.trainer.save_dir == copy
+    rows = list(csv.DictReader((copy / "results.csv").read_text().splitlines()))
+    assert [int(float(r["epoch"])) for r in rows] == [1, 2, 3]
+    log = [json.loads(line) for line in (copy / "sos_log.jsonl").read_text().splitlines()]
+    assert [(e["epoch"], e["target"]) for e in log] == [(e, t) for e in (1, 2, 3) for t in ("model", "ema")]
+    assert all(e["tau"] == 3e-4 for e in log)
+    assert {f: (run / f).read_bytes() for f in original} == original  # the original run was not touched
+    plain = YOLO(str(run / "weights" / "last.pt"))
+    plain.train(trainer=DetectionTrainer, resume=True)  # plain Ultralytics: no SOS, but it resumes
+    assert int(float(list(csv.DictReader((run / "results.csv").read_text().splitlines()))[-1]["epoch"])) == 3
+    best = YOLO(str(copy / "weights" / "best.pt"))
+    metrics = best.val(data=TINY["data"], imgsz=160, device="cpu", plots=False, verbose=False, project=str(tmp_path))
+    assert 0 <= metrics.box.map50 <= 1
+    image = next((REPO_ROOT / "data" / "deepforest" / "images" / "val").glob("*.jpg"))
+    assert len(best.predict(str(image), imgsz=160, device="cpu", verbose=False, save=False)) == 1
+    best.train(data=TINY["data"], epochs=1, imgsz=160, device="cpu", workers=0, plots=False, project=str(tmp_path),
+               name="ft", exist_ok=True, verbose=False)  # fmt: skip
+    assert (tmp_path / "ft" / "weights" / "last.pt").is_file()

@@ -11,6 +11,7 @@ import contextlib
 import json
 import math
 import time
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -90,6 +91,42 @@ class SOSDetectionTrainer(DetectionTrainer):
         self._sos_row = self._empty_row()
 
     # -- Ultralytics extension points --------------------------------------------------------------
+    def check_resume(self, overrides):
+        """Ultralytics' resume, plus the SOS options: the checkpoint keeps them on its model (`sos_args`), not in its
+        train_args, so that plain Ultralytics can resume, fine-tune and validate it too. A resumed checkpoint
+        continues in the run folder it lives in (RUN/weights/last.pt → RUN), copied or not."""
+        super().check_resume(overrides)
+        if not self.resume:
+            return
+        from ultralytics.utils.patches import torch_load
+
+        last = Path(self.args.resume)
+        ckpt = torch_load(last, map_location="cpu")
+        saved = getattr(ckpt.get("ema") or ckpt.get("model"), "sos_args", None) or {}
+        for key, default in SOS_DEFAULTS.items():
+            setattr(self.args, key, saved.get(key, getattr(self.args, key, default)))
+        ignored = [k for k, v in (overrides or {}).items() if k in SOS_DEFAULTS and v != getattr(self.args, k)]
+        if ignored:
+            LOGGER.warning(
+                f"Resume ignores {ignored}, using the checkpoint's SOS options. Start a new run to change them."
+            )
+        if last.parent.name == "weights":
+            self.args.save_dir = str(last.parent.parent)
+
+    def resume_training(self, ckpt):
+        """Resume, and cut results.csv and sos_log.jsonl back to the checkpoint's epochs: an epoch logged after its
+        checkpoint was written (an interruption in between) is trained and logged again, not twice."""
+        super().resume_training(ckpt)
+        if self.resume and RANK in {-1, 0}:
+            keep_epochs(self.csv, self.save_dir / "sos_log.jsonl", self.start_epoch)
+
+    def save_model(self):
+        """Ultralytics' checkpoints, with train_args free of sos_* keys (plain Ultralytics rejects unknown keys when
+        it resumes) and the SOS options on the saved model as `sos_args`, where this trainer finds them."""
+        self.ema.ema.sos_args = {k: getattr(self.args, k) for k in SOS_DEFAULTS}
+        with self._plain_args():
+            return super().save_model()
+
     def get_validator(self):
         """The stock validator, built from args without the sos_* keys (its own arg check rejects them)."""
         with self._plain_args():
@@ -298,3 +335,14 @@ class SOSDetectionTrainer(DetectionTrainer):
             yield
         finally:
             self.args = full
+
+
+def keep_epochs(results_csv: Path, sos_log: Path, epochs: int) -> None:
+    """Keep the rows of epochs 1..`epochs` in results.csv and sos_log.jsonl (those a checkpoint holds)."""
+    if results_csv.is_file():
+        lines = results_csv.read_text().splitlines(keepends=True)
+        kept = lines[:1] + [line for line in lines[1:] if float(line.split(",", 1)[0]) <= epochs]
+        results_csv.write_text("".join(kept))
+    if sos_log.is_file():
+        lines = sos_log.read_text().splitlines(keepends=True)
+        sos_log.write_text("".join(line for line in lines if json.loads(line)["epoch"] <= epochs))
