@@ -2,7 +2,10 @@
 
 import csv
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -281,3 +284,37 @@ def test_resume_both_ways_keeps_logs_consistent_with_the_checkpoint(tmp_path):
     best.train(data=TINY["data"], epochs=1, imgsz=160, device="cpu", workers=0, plots=False, project=str(tmp_path),
                name="ft", exist_ok=True, verbose=False)  # fmt: skip
     assert (tmp_path / "ft" / "weights" / "last.pt").is_file()
+
+
+TENSORBOARD_RUN = """
+import sys
+from ultralytics import YOLO
+from ultralytics.utils import SETTINGS
+SETTINGS.update({"tensorboard": True})
+from sos_detect.runtime import configure
+configure()
+from sos_detect.detect import SOSDetectionTrainer
+from sos_detect.detect.embedded import EMBEDDED_YAML
+YOLO("yolov5n.yaml").train(trainer=SOSDetectionTrainer, data=str(EMBEDDED_YAML), epochs=2, imgsz=128, batch=8,
+    device="cpu", amp=False, workers=0, plots=False, project=sys.argv[1], name="tb", sos_start=0, sos_images=8)
+"""
+
+
+def test_sos_figures_reach_ultralytics_loggers(tmp_path):
+    """With TensorBoard on (in a settings folder of the test's own), Ultralytics' logger writes every sos/ column of
+    results.csv as a scalar, epoch by epoch, with the CSV's values."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}  # Ultralytics mutes loggers in pytest
+    env["YOLO_CONFIG_DIR"] = str(tmp_path / "config")
+    subprocess.run([sys.executable, "-c", TENSORBOARD_RUN, str(tmp_path)], check=True, env=env, capture_output=True)
+    run = tmp_path / "tb"
+    events = EventAccumulator(str(run))
+    events.Reload()
+    rows = list(csv.DictReader((run / "results.csv").read_text().splitlines()))
+    columns = [k.strip() for k in rows[0] if k.strip().startswith("sos/")]
+    assert {"sos/norm_ratio", "sos/ema_heldout_change", "sos/head_norm"} <= set(columns)
+    for column in columns:
+        key = next(k for k in rows[0] if k.strip() == column)
+        logged = {e.step: e.value for e in events.Scalars(column)}
+        assert logged == pytest.approx({int(float(r["epoch"])): float(r[key]) for r in rows}, rel=1e-5, nan_ok=True)

@@ -136,6 +136,10 @@ def shift_detector(
     ddp = _ddp()
     if ddp and rows:
         rows = math.ceil(rows / dist.get_world_size())  # each rank samples its share of the b rows
+    if not ddp or dist.get_rank() == 0:  # Ultralytics' progress bar over the capture pass
+        from ultralytics.utils import TQDM
+
+        batches = TQDM(batches, desc="SOS capture", total=len(batches), leave=False)
     report = shift_model(
         model,
         layers,
