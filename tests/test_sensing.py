@@ -156,24 +156,33 @@ def test_reproduce_sensing_end_to_end(tmp_path):
     res = subprocess.run([*cmd, "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     runs = list(csv.DictReader((tmp_path / "runs.csv").read_text().splitlines()))
-    table = {r["method"]: r for r in csv.DictReader((tmp_path / "sensing.csv").read_text().splitlines())}
+    rows = list(csv.DictReader((tmp_path / "sensing.csv").read_text().splitlines()))
+    table = {(r["method"], r["baseline"]): r for r in rows}
     methods = ["gd", "gd+os", "gd+os_tau", "gd+noise", "nso", "sam", "posthoc_os", "posthoc_os_tau"]
-    assert list(table) == methods and len(runs) == 3 * len(methods)
+    assert list(table) == [(m, "gd") for m in methods] + [("nso", "gd+noise")] and len(runs) == 3 * len(methods)
     per = {(r["method"], int(r["seed"])): r for r in runs}
     for m in methods:
         for key in ("test_error", "trace", "nuclear", "train_loss"):
             x = np.array([float(per[(m, s)][key]) for s in (0, 1, 2)])
-            assert float(table[m][f"{key}_mean"]) == pytest.approx(x.mean(), rel=1e-12)
-            assert float(table[m][f"{key}_std"]) == pytest.approx(x.std(ddof=1), rel=1e-9, abs=1e-300)
-        if m == "gd":
-            continue
-        for key in ("test_error", "trace", "nuclear"):
-            d = np.array([float(per[(m, s)][key]) - float(per[("gd", s)][key]) for s in (0, 1, 2)])
+            assert float(table[(m, "gd")][f"{key}_mean"]) == pytest.approx(x.mean(), rel=1e-12)
+            assert float(table[(m, "gd")][f"{key}_std"]) == pytest.approx(x.std(ddof=1), rel=1e-9, abs=1e-300)
+    # paired differences and their 95 % t-intervals, recomputed with scipy from the per-run records
+    for m, base in [(m, "gd") for m in methods[1:]] + [("nso", "gd+noise")]:
+        row = table[(m, base)]
+        for key in ("test_error", "trace", "nuclear", "train_loss"):
+            d = np.array([float(per[(m, s)][key]) - float(per[(base, s)][key]) for s in (0, 1, 2)])
             lo, hi = stats.t.interval(0.95, 2, loc=d.mean(), scale=stats.sem(d)) if d.std() > 0 else (d[0], d[0])
-            assert float(table[m][f"d_{key}_mean"]) == pytest.approx(d.mean(), abs=1e-15)
-            assert float(table[m][f"d_{key}_lo"]) == pytest.approx(lo, rel=1e-9, abs=1e-15)
-            assert float(table[m][f"d_{key}_hi"]) == pytest.approx(hi, rel=1e-9, abs=1e-15)
-            assert int(table[m][f"d_{key}_lower"]) == int((d < 0).sum())
+            assert float(row[f"d_{key}_mean"]) == pytest.approx(d.mean(), abs=1e-15)
+            assert float(row[f"d_{key}_lo"]) == pytest.approx(lo, rel=1e-9, abs=1e-15)
+            assert float(row[f"d_{key}_hi"]) == pytest.approx(hi, rel=1e-9, abs=1e-15)
+            assert int(row[f"d_{key}_lower"]) == int((d < 0).sum())
+    # Pearson r over all runs, pooled and with each seed's mean removed
+    corr = {(c["x"], c["y"]): c for c in csv.DictReader((tmp_path / "correlations.csv").read_text().splitlines())}
+    x, y = (np.array([float(r[k]) for r in runs]) for k in ("trace", "nuclear"))
+    seed = np.array([int(r["seed"]) for r in runs])
+    xc, yc = (v - np.array([v[seed == s].mean() for s in seed]) for v in (x, y))
+    assert float(corr[("trace", "nuclear")]["pooled_r"]) == pytest.approx(stats.pearsonr(x, y)[0], rel=1e-9)
+    assert float(corr[("trace", "nuclear")]["within_seed_r"]) == pytest.approx(stats.pearsonr(xc, yc)[0], rel=1e-9)
     # post-hoc τ = 0 keeps the GD solution's training loss: the measurements are kept exactly
     for s in (0, 1, 2):
         assert float(per[("posthoc_os", s)]["train_loss"]) == pytest.approx(float(per[("gd", s)]["train_loss"]), 1e-6)
@@ -182,7 +191,7 @@ def test_reproduce_sensing_end_to_end(tmp_path):
     for m in ("gd+noise", "nso", "sam", "gd+os_tau", "posthoc_os_tau"):
         trials = [t for t in tuning if t["method"] == m]
         best = min(trials, key=lambda t: float(t["test_error"]))
-        assert float(table[m]["value"]) == float(best["value"]) and best["chosen"] == "True"
+        assert float(table[(m, "gd")]["value"]) == float(best["value"]) and best["chosen"] == "True"
     md = (tmp_path / "sensing.md").read_text()
     assert "## d5_r1_n12_L2_a0.1" in md and "within-seed r" in md and (tmp_path / "sensing.png").stat().st_size > 0
 
