@@ -279,7 +279,12 @@ def build_parser() -> argparse.ArgumentParser:
         "tr(H), λ_max, test error and nuclear norm, paired against GD; writes sensing.md/.csv and sensing.png. "
         "A finished case in --out is read back.",
     )
-    rs.add_argument("--preset", choices=("default", "tiny"), default="default", help="default: 3 problems (minutes)")
+    rs.add_argument(
+        "--preset",
+        choices=("default", "tiny"),
+        default="default",
+        help="default: 4 problems (minutes); tiny: one small problem (seconds)",
+    )
     rs.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated seeds (default 0,1,2,3,4)")
     rs.add_argument("--out", default="runs/sensing", help="output folder (default runs/sensing)")
     return parser
