@@ -8,7 +8,6 @@ reported), then fixed for the reported seeds.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 from dataclasses import asdict, dataclass, replace
@@ -16,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from sos_detect.reproduce.stats import markdown_table, mean_std, t_interval, write_csv
+from sos_detect.runtime import one_thread
 from sos_detect.sensing.diagnostics import diagnose
 from sos_detect.sensing.problem import SensingConfig, SensingProblem
 from sos_detect.sensing.shifting import shift_last_factor
@@ -304,7 +303,7 @@ def reproduce_sensing(preset: str, out: Path, seeds: list[int]) -> tuple[Path, P
     if len(seeds) < 2:
         raise ValueError("--seeds: need at least 2 seeds for a paired interval")
     out.mkdir(parents=True, exist_ok=True)
-    with _one_thread():
+    with one_thread():  # a 100×100 eigh took up to 0.9 s with two threads here, 13 ms with one
         results = [run_case(case, seeds, out / "runs") for case in PRESETS[preset]]
     rows = aggregate(results)
     corr = correlations(results)
@@ -323,15 +322,3 @@ def reproduce_sensing(preset: str, out: Path, seeds: list[int]) -> tuple[Path, P
     )
     plot(results, out / "sensing.png")
     return out / "sensing.md", out / "sensing.csv", out / "runs.csv", out / "sensing.png"
-
-
-@contextlib.contextmanager
-def _one_thread():
-    """Matrices of at most a few hundred rows: one torch thread. On a busy 2-core machine a 100×100 eigh took up
-    to 0.9 s with two threads, against at most 13 ms with one."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
