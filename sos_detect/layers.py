@@ -6,7 +6,6 @@ is the same map at every spatial position: rows are (sample, y, x) positions, V 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -17,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sos_detect.runtime import one_thread
 from sos_detect.shift import GramAccumulator, GramSpectrum, ShiftInfo, output_change, solve_shift, spectrum
 
 LOGGER = logging.getLogger("sos_detect")
@@ -349,18 +349,6 @@ def restore(saved: list[tuple[Tensor, Tensor]]) -> None:
             t.copy_(copy)
 
 
-@contextlib.contextmanager
-def _one_thread():
-    """Small matrix work (m ≤ a few hundred) on one CPU thread: faster than a thread pool, and immune to the
-    barrier stalls a busy CPU inflicts on multi-threaded tiny ops (measured 200× on a loaded 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def _solve_layers(
     named: Mapping[str, nn.Module],
     grams: Mapping[str, GramAccumulator],
@@ -407,7 +395,7 @@ def shift_layers(
     """
     tau = 0.0 if mode == "paper" else float(tau)
     report = ShiftReport(mode=mode, tau=tau)
-    with _one_thread():
+    with one_thread():
         solved = _solve_layers(named, grams, tau, spectra)
     full = full or grams
     if loss_fn is not None:
@@ -415,7 +403,7 @@ def shift_layers(
             report.loss_before = float(loss_fn(model))
     saved = _snapshot(named, optimizer)
     try:
-        with _one_thread():
+        with one_thread():
             _write_and_measure(named, grams, full, solved, report, optimizer)
         report.reason = _check(report, loss_fn, model, loss_tol, max_change)
     except BaseException:
