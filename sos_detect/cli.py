@@ -145,8 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     h = sub.add_parser(
         "hessian",
         help="Hessian trace and top eigenvalues of a detector's loss (flatness)",
-        description="Hutchinson trace (± standard error) and Lanczos top-k eigenvalues of the "
-        "per-image detection loss on --images training images, BatchNorm in eval mode.",
+        description="Hessian traces of the per-image detection loss on --images training images (BatchNorm in eval "
+        "mode): the head's cls and box convs exactly, with --params all the whole model by Hutch++ (± standard "
+        "error); Lanczos top-k eigenvalues of the --params block.",
     )
     h.add_argument("--weights", required=True, help="checkpoint .pt")
     h.add_argument("--data", default=None, help="data YAML: the loss batch comes from its train split")
@@ -158,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     h.add_argument("--images", type=int, default=16, help="training images in the loss batch (default 16)")
     h.add_argument("--k", type=int, default=3, help="top eigenvalues to report (default 3)")
-    h.add_argument("--probes", type=int, default=64, help="Hutchinson probes at most (default 64)")
+    h.add_argument("--probes", type=int, default=64, help="Hessian-vector products at most per trace (default 64)")
     h.add_argument(
         "--before-after",
         action="store_true",
@@ -509,10 +510,11 @@ def cmd_hessian(a: argparse.Namespace) -> int:
 
 def _print_flatness(label: str, f) -> None:
     eigs = ", ".join(f"{e:.6g}" for e in f.eigenvalues)
-    print(
-        f"{label}: loss {f.loss:.6g}  trace {f.trace.value:.6g} ± {f.trace.stderr:.2g} ({f.trace.probes} probes)  "
-        f"top eigenvalues [{eigs}]"
+    traces = "  ".join(
+        f"trace {k} {t.value:.6g}" + (" exact" if t.probes == 0 else f" ± {t.stderr:.2g} ({t.probes} HVPs)")
+        for k, t in f.traces.items()
     )
+    print(f"{label}: loss {f.loss:.6g}  {traces}  top eigenvalues [{eigs}]")
 
 
 def cmd_classify(a: argparse.Namespace) -> int:

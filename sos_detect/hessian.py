@@ -1,7 +1,15 @@
-"""Flatness: Hessian trace (Hutchinson) and top eigenvalues (Lanczos) from Hessian-vector products.
+"""Flatness: Hessian traces and top eigenvalues.
 
-The gradient graph g = ∇L is built once; each Hv = ∇(gᵀv) is one backward pass through it. Several probes
-can share one batched backward (`is_grads_batched`) where the model's ops allow it.
+Stochastic, from Hessian-vector products Hv (double backward through a gradient graph built once; measured
+faster than forward-over-reverse, benchmarks/bench_hessian.py):
+  - Hutchinson: tr(H) ≈ mean of vᵀHv over Rademacher v;
+  - Hutch++ (Meyer, Musco, Musco, Woodruff 2021): Q = orth(HS) for a random sketch S, then
+    tr(H) = tr(QᵀHQ) + tr((I − QQᵀ)H(I − QQᵀ)), the first exact, the second by Hutchinson;
+  - Lanczos: the top eigenvalues.
+Exact, in closed form: the block of a linear layer z_r = V a_r (+ b) whose loss is a sum over rows r of functions
+of z_r alone (a classifier's last layer under cross-entropy, YOLO's classification convs under BCE):
+H_VV = Σ_r (a_r a_rᵀ) ⊗ ∂²ℓ/∂z_r², so diag(H_VV) and tr(H_VV) = Σ_r ‖a_r‖² · tr(∂²ℓ/∂z_r²) follow from one
+forward pass.
 """
 
 from __future__ import annotations
@@ -14,12 +22,20 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+Progress = Callable[[int, int], None]  # progress(HVPs done, HVPs at most); done == at most when finished
+
 
 @dataclass
 class TraceEstimate:
     value: float
-    stderr: float
-    probes: int
+    stderr: float  # 0 for an exact value
+    probes: int  # Hessian-vector products used (0: closed form)
+
+    def __add__(self, other: TraceEstimate) -> TraceEstimate:
+        """The trace of two diagonal blocks together (independent errors)."""
+        return TraceEstimate(
+            self.value + other.value, math.hypot(self.stderr, other.stderr), self.probes + other.probes
+        )
 
 
 @contextlib.contextmanager
@@ -37,9 +53,13 @@ def gradients_enabled(params: Iterable[Tensor]):
 
 
 class HessianOperator:
-    """v ↦ Hv for the parameters of `loss_fn()` that receive a gradient (the others are skipped)."""
+    """v ↦ Hv for the parameters of `loss_fn()` that receive a gradient (the others are skipped).
 
-    def __init__(self, loss_fn: Callable[[], Tensor], params: Iterable[Tensor]) -> None:
+    `block` vectors share one batched backward (`is_grads_batched`); default 8 on CUDA and 1 on CPU, where
+    batching was measured slower (benchmarks/bench_hessian.py).
+    """
+
+    def __init__(self, loss_fn: Callable[[], Tensor], params: Iterable[Tensor], block: int | None = None) -> None:
         params = [p for p in params if p.requires_grad]
         if not params:
             raise ValueError("no parameters with requires_grad=True")
@@ -52,6 +72,8 @@ class HessianOperator:
         self.grads = [g for _, g in kept]
         self.loss = float(loss.detach())
         self.dim = sum(p.numel() for p in self.params)
+        self.device, self.dtype = self.params[0].device, self.params[0].dtype
+        self.block = block or (8 if self.device.type == "cuda" else 1)
         self._batched = True
 
     def _split(self, flat: Tensor) -> list[Tensor]:
@@ -63,13 +85,11 @@ class HessianOperator:
         return out
 
     def matmat(self, vs: Tensor) -> Tensor:
-        """H V for V of shape (k, dim): one batched backward if possible, else k backwards."""
+        """H V for V of shape (k, dim), in the parameters' dtype: batched backwards of `block` rows if possible."""
+        vs = vs.to(device=self.device, dtype=self.dtype)
         if self._batched and vs.shape[0] > 1:
             try:
-                hv = torch.autograd.grad(
-                    self.grads, self.params, self._split(vs), retain_graph=True, is_grads_batched=True
-                )
-                return torch.cat([h.reshape(vs.shape[0], -1) for h in hv], dim=1)
+                return torch.cat([self._batched_hvp(chunk) for chunk in vs.split(self.block)])
             except RuntimeError:
                 self._batched = False  # an op without a batching rule: fall back to a loop
         rows = []
@@ -78,41 +98,82 @@ class HessianOperator:
             rows.append(torch.cat([h.reshape(-1) for h in hv]))
         return torch.stack(rows)
 
+    def _batched_hvp(self, vs: Tensor) -> Tensor:
+        if vs.shape[0] == 1:
+            hv = torch.autograd.grad(self.grads, self.params, self._split(vs[0]), retain_graph=True)
+            return torch.cat([h.reshape(1, -1) for h in hv], dim=1)
+        hv = torch.autograd.grad(self.grads, self.params, self._split(vs), retain_graph=True, is_grads_batched=True)
+        return torch.cat([h.reshape(vs.shape[0], -1) for h in hv], dim=1)
 
-def _device_dtype(op: HessianOperator) -> tuple[torch.device, torch.dtype]:
-    return op.params[0].device, op.params[0].dtype
+
+def rademacher(k: int, dim: int, gen: torch.Generator) -> Tensor:
+    """k × dim random signs (float64, on the CPU generator `gen`)."""
+    return (torch.randint(0, 2, (k, dim), generator=gen) * 2 - 1).double()
 
 
-def hessian_trace(
-    loss_fn: Callable[[], Tensor],
-    params: Iterable[Tensor],
+def hutchinson(
+    op: HessianOperator,
     *,
     max_probes: int = 200,
     rtol: float = 1e-2,
-    probes_per_pass: int | None = None,
     min_probes: int = 16,
     seed: int = 0,
+    progress: Progress | None = None,
 ) -> TraceEstimate:
-    """Hutchinson: tr(H) ≈ mean_v vᵀHv over Rademacher v; stops when stderr < rtol·|mean| (after at least
-    min_probes) or at max_probes.
-
-    probes_per_pass probes share one batched backward; default 8 on CUDA and 1 on CPU, where batching was
-    measured slower (benchmarks/bench_hessian.py).
-    """
-    op = HessianOperator(loss_fn, params)
-    device, dtype = _device_dtype(op)
-    if probes_per_pass is None:
-        probes_per_pass = 8 if device.type == "cuda" else 1
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    """tr(H) ≈ mean_v vᵀHv over Rademacher v, ± the standard error of that mean; stops when
+    stderr < rtol·|mean| (after at least min_probes) or at max_probes."""
+    gen = torch.Generator().manual_seed(seed)
     samples: list[float] = []
     while len(samples) < max_probes:
-        k = min(probes_per_pass, max_probes - len(samples))
-        v = (torch.randint(0, 2, (k, op.dim), generator=gen) * 2 - 1).to(device=device, dtype=dtype)
-        samples += (v * op.matmat(v)).sum(dim=1).tolist()
-        estimate = _mean_stderr(samples)
-        if len(samples) >= max(min_probes, 2) and estimate.stderr < rtol * abs(estimate.value):
+        v = rademacher(min(op.block, max_probes - len(samples)), op.dim, gen)
+        samples += (v * op.matmat(v).double()).sum(dim=1).tolist()
+        if progress:
+            progress(len(samples), max_probes)
+        est = _mean_stderr(samples)
+        if len(samples) >= max(min_probes, 2) and est.stderr < rtol * abs(est.value):
             break
+    if progress:
+        progress(len(samples), len(samples))
     return _mean_stderr(samples)
+
+
+def hutchpp(
+    op: HessianOperator,
+    *,
+    rank: int = 16,
+    max_probes: int = 200,
+    rtol: float = 1e-2,
+    min_probes: int = 8,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> TraceEstimate:
+    """Hutch++: tr(QᵀHQ) exactly for Q = orth(HS), S Rademacher dim × rank (2·rank HVPs), plus Hutchinson on
+    (I − QQᵀ)H(I − QQᵀ) with projected Rademacher probes until the residual's standard error — the estimate's
+    only error given Q — is below rtol·|estimate| (after min_probes) or max_probes HVPs in all are spent.
+    A budget below 2·rank + min_probes lowers the rank to a third of it, as in the paper."""
+    rank = max(1, min(rank, (max_probes - max(min_probes, 2)) // 2, max_probes // 3, op.dim))
+    gen = torch.Generator().manual_seed(seed)
+    hs = op.matmat(rademacher(rank, op.dim, gen)).double()
+    q = torch.linalg.qr(hs.T).Q  # dim × rank, orthonormal columns
+    exact = float((q * op.matmat(q.T).double().T).sum())
+    used = 2 * rank
+    if progress:
+        progress(used, max_probes)
+    samples: list[float] = []
+    while used < max_probes:
+        g = rademacher(min(op.block, max_probes - used), op.dim, gen).to(q.device)
+        g -= (g @ q) @ q.T
+        samples += (g * op.matmat(g).double()).sum(dim=1).tolist()
+        used += g.shape[0]
+        if progress:
+            progress(used, max_probes)
+        rest = _mean_stderr(samples)
+        if len(samples) >= max(min_probes, 2) and rest.stderr < rtol * abs(exact + rest.value):
+            break
+    if progress:
+        progress(used, used)
+    rest = _mean_stderr(samples) if samples else TraceEstimate(0.0, math.inf, 0)
+    return TraceEstimate(exact + rest.value, rest.stderr, used)
 
 
 def _mean_stderr(samples: list[float]) -> TraceEstimate:
@@ -123,51 +184,52 @@ def _mean_stderr(samples: list[float]) -> TraceEstimate:
 
 
 def top_eigenvalues(
-    loss_fn: Callable[[], Tensor],
-    params: Iterable[Tensor],
+    op: HessianOperator,
     k: int = 1,
     *,
     max_iter: int = 100,
     tol: float = 1e-3,
     seed: int = 0,
+    progress: Progress | None = None,
 ) -> list[float]:
     """The k largest (algebraic) Hessian eigenvalues, descending, by Lanczos with full reorthogonalisation.
 
-    Ritz values of the Krylov tridiagonal T_j are checked every few steps; iteration stops when the top k
+    Ritz values of the Krylov tridiagonal T_j are checked every step; iteration stops when the top k
     change by less than tol (relative) or after max_iter Hessian-vector products.
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    op = HessianOperator(loss_fn, params)
-    device, dtype = _device_dtype(op)
     work = torch.float64
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    q = torch.randn(op.dim, generator=gen, dtype=work).to(device)
+    q = torch.randn(op.dim, generator=gen, dtype=work).to(op.device)
     q /= q.norm()
     basis, alphas, betas = [q], [], []
     previous: Tensor | None = None
     steps = min(max_iter, op.dim)
     for j in range(steps):
-        w = op.matmat(basis[-1][None].to(dtype))[0].to(work)
+        w = op.matmat(basis[-1][None])[0].to(work)
+        if progress:
+            progress(j + 1, steps)
         alpha = float(w @ basis[-1])
         alphas.append(alpha)
         q_mat = torch.stack(basis)
         w -= q_mat.T @ (q_mat @ w)  # full reorthogonalisation, twice for stability
         w -= q_mat.T @ (q_mat @ w)
         beta = float(w.norm())
-        ritz = _ritz(alphas, betas)
-        top = ritz[-k:].flip(0)
+        top = _ritz(alphas, betas)[-k:].flip(0)
         done = (
             previous is not None
-            and len(top) == len(previous)
+            and len(top) == len(previous) == k
             and bool(((top - previous).abs() <= tol * top.abs().clamp_min(1e-12)).all())
         )
-        if beta < 1e-10 * max(1.0, abs(alpha)) or j + 1 == steps or (done and len(top) == k):
-            return top.tolist()
+        if beta < 1e-10 * max(1.0, abs(alpha)) or j + 1 == steps or done:
+            break
         previous = top
         betas.append(beta)
         basis.append(w / beta)
-    return _ritz(alphas, betas)[-k:].flip(0).tolist()
+    if progress:
+        progress(len(alphas), len(alphas))
+    return top.tolist()
 
 
 def _ritz(alphas: list[float], betas: list[float]) -> Tensor:
@@ -177,3 +239,33 @@ def _ritz(alphas: list[float], betas: list[float]) -> Tensor:
         off = torch.tensor(betas[: n - 1], dtype=torch.float64)
         t += torch.diag(off, 1) + torch.diag(off, -1)
     return torch.linalg.eigvalsh(t)
+
+
+def linear_block_diagonal(features: Tensor, curvature: Tensor, *, bias: bool = False) -> Tensor:
+    """Exact diagonal of the Hessian block H_VV of a linear layer z_r = V a_r (+ b), as (outputs, inputs [+ 1 for
+    the bias]): H[(k,i),(k,i)] = Σ_r c_rk · a_ri², for rows a_r (features, rows × inputs) and the loss's output
+    curvature c_rk = ∂²ℓ/∂z_rk² (curvature, rows × outputs), in float64.
+
+    Holds when the loss is a sum over rows of functions of z_r alone (no cross-row curvature) and the layer's
+    outputs feed nothing but the loss; its sum is tr(H_VV) = Σ_r ‖a_r‖² · tr(∂²ℓ/∂z_r²)."""
+    a = features.detach().reshape(-1, features.shape[-1]).double()
+    c = curvature.detach().reshape(-1, curvature.shape[-1]).double().to(a.device)
+    if a.shape[0] != c.shape[0]:
+        raise ValueError(f"{a.shape[0]} feature rows but {c.shape[0]} curvature rows")
+    diag = c.T @ a.square()
+    return torch.cat([diag, c.sum(dim=0)[:, None]], dim=1) if bias else diag
+
+
+def softmax_cross_entropy_curvature(logits: Tensor, scale: float = 1.0) -> Tensor:
+    """Diagonal of ∂²ℓ/∂z_r² per row r for ℓ = scale · Σ_r CE(z_r, y_r): scale · p(1 − p), p = softmax(z_r).
+
+    The Hessian scale · (diag(p) − ppᵀ) does not depend on the label (nor on label smoothing); use scale = 1/rows
+    for the mean reduction."""
+    p = logits.detach().double().softmax(dim=-1)
+    return scale * p * (1 - p)
+
+
+def bce_curvature(logits: Tensor, scale: float = 1.0) -> Tensor:
+    """Elementwise ∂²ℓ/∂z² of ℓ = scale · BCE-with-logits(z, t): scale · σ(z)(1 − σ(z)), whatever the target t."""
+    s = logits.detach().double().sigmoid()
+    return scale * s * (1 - s)

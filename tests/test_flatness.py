@@ -14,10 +14,11 @@ from conftest import tiny_train
 from sos_detect.detect.checkpoint import capture_set_for, load_detector_checkpoint, working_copy
 from sos_detect.detect.data import load_data
 from sos_detect.detect.embedded import REPO_ROOT
-from sos_detect.detect.flatness import detector_params
+from sos_detect.detect.flatness import cls_head_diagonal, detector_params, output_space_diagonal
+from sos_detect.detect.heads import detect_head, detect_head_layers
 from sos_detect.detect.plots import head_norm
 from sos_detect.detect.shifting import detection_loss_tensor
-from sos_detect.hessian import gradients_enabled, hessian_trace
+from sos_detect.hessian import HessianOperator, gradients_enabled, hutchinson
 
 CKPT = REPO_ROOT / "data" / "checkpoints" / "yolov5n-trees.pt"
 CPU = torch.device("cpu")
@@ -36,19 +37,73 @@ def test_trainer_logs_trace_and_norm_and_plots(tmp_path):
         sos_hessian_probes=4,
     )
     run = tmp_path / "h"
-    row = list(csv.DictReader((run / "results.csv").read_text().splitlines()))[0]
-    assert all(math.isfinite(float(row[k])) for k in ("sos/trace_head", "sos/trace_all", "sos/head_norm"))
+    row = {
+        k.strip(): float(v) for k, v in list(csv.DictReader((run / "results.csv").read_text().splitlines()))[0].items()
+    }
+    blocks = ("cls", "box", "head", "all")
+    assert all(math.isfinite(row[f"sos/trace_{k}{se}"]) for k in blocks for se in ("", "_se"))
+    assert row["sos/trace_cls_se"] == row["sos/trace_box_se"] == row["sos/trace_head_se"] == 0  # exact blocks
+    assert row["sos/trace_head"] == pytest.approx(row["sos/trace_cls"] + row["sos/trace_box"], rel=1e-4)
+    assert row["sos/trace_all_se"] > 0
     for name in ("sos_trace.png", "sos_head_norm.png", "sos_shift_loss.png"):
         assert (run / name).stat().st_size > 1000
-    # independent recomputation on the saved EMA (fp16 in the checkpoint), same images and probes
+    # independent recomputation on the saved EMA (fp16 in the checkpoint), same images: the cls block's exact
+    # trace from unit-vector HVPs, the box block's by Hutchinson
     ckpt = load_detector_checkpoint(run / "weights" / "last.pt")
     model = working_copy(ckpt.get("ema") or ckpt["model"], CPU, imgsz=128, batch=8)
     batches = capture_set_for(model, load_data(None)[1]).sample(2, 0)
-    params = detector_params(model, "head")
-    with gradients_enabled(params):
-        est = hessian_trace(lambda: detection_loss_tensor(model, batches, CPU), params, max_probes=4, rtol=0.05)
-    assert est.value == pytest.approx(float(row["sos/trace_head"]), rel=0.02, abs=1e-6)
-    assert head_norm(model) == pytest.approx(float(row["sos/head_norm"]), rel=2e-3)
+    loss_fn = lambda: detection_loss_tensor(model, batches, CPU)  # noqa: E731
+    cls = [m.weight for m in detect_head_layers(model, "cls").values()]
+    with gradients_enabled(cls):
+        op = HessianOperator(loss_fn, cls, block=64)
+        exact = float(op.matmat(torch.eye(op.dim)).diagonal().sum())
+    assert exact == pytest.approx(row["sos/trace_cls"], rel=0.02)
+    box = [m.weight for m in detect_head_layers(model, "box").values()]
+    with gradients_enabled(box):
+        est = hutchinson(HessianOperator(loss_fn, box, block=16), max_probes=64, rtol=0)
+    assert abs(est.value - row["sos/trace_box"]) < 4 * est.stderr + 0.02 * abs(est.value)
+    assert head_norm(model) == pytest.approx(row["sos/head_norm"], rel=2e-3)
+
+
+def tiny_float64_detector(nc: int | None):
+    """The shipped YOLOv5n tree detector in float64 on 4 real embedded images at 64 px in batches of 2; with nc,
+    its cls convs replaced by fresh nc-class ones, cls gain 1.7 and class weights, the boxes spread over classes."""
+    ckpt = load_detector_checkpoint(CKPT)
+    model = working_copy(ckpt.get("ema") or ckpt["model"], CPU, imgsz=64, batch=2, **({"cls": 1.7} if nc else {}))
+    batches = capture_set_for(model, load_data(None)[1]).sample(4, 0)
+    if nc:
+        torch.manual_seed(0)
+        head = detect_head(model)
+        head.nc, head.no = nc, nc + 4 * head.reg_max
+        for seq in head.cv3:
+            seq[-1] = torch.nn.Conv2d(seq[-1].in_channels, nc, 1)
+        model.class_weights = torch.linspace(0.5, 2.0, nc)
+        for b in batches:
+            b["cls"] = (torch.arange(len(b["cls"])) % nc).float().view(-1, 1)
+    return model.double(), batches
+
+
+@pytest.mark.parametrize("nc", [None, 3])
+def test_head_block_diagonals_match_exact_hessian(nc):
+    """The cls closed form (full block trace) and the output-space box diagonal (64 sampled entries) against
+    unit-vector HVPs of the float64 loss, to 1e-6 relative."""
+    model, batches = tiny_float64_detector(nc)
+    loss_fn = lambda: detection_loss_tensor(model, batches, CPU)  # noqa: E731
+    closed = cls_head_diagonal(model, batches, CPU)
+    for kind, sample in (("cls", None), ("box", 64)):
+        params = [m.weight for m in detect_head_layers(model, kind).values()]
+        diag = torch.cat([d.reshape(-1) for d in output_space_diagonal(model, batches, CPU, kind)])
+        with gradients_enabled(params):
+            op = HessianOperator(loss_fn, params, block=64)
+            idx = torch.arange(op.dim) if sample is None else torch.randperm(op.dim)[:sample]
+            unit = torch.zeros(len(idx), op.dim, dtype=torch.float64)
+            unit[torch.arange(len(idx)), idx] = 1.0
+            exact = op.matmat(unit)[torch.arange(len(idx)), idx]
+        torch.testing.assert_close(diag[idx], exact, rtol=1e-6, atol=1e-9 * float(exact.abs().max()))
+        if kind == "cls":
+            assert float(exact.sum()) > 1e-3  # a real curvature, not the near-zero of saturated logits
+            torch.testing.assert_close(torch.cat([d.reshape(-1) for d in closed]), exact, rtol=1e-6, atol=0)
+            assert float(sum(d.sum() for d in closed)) == pytest.approx(float(exact.sum()), rel=1e-6)
 
 
 def power_iteration(loss_fn, params, iters=60):

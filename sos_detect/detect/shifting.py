@@ -57,15 +57,17 @@ def images_forward(device: torch.device):
 def detection_loss_tensor(model: nn.Module, batches: list[dict[str, Any]], device: torch.device) -> torch.Tensor:
     """The Ultralytics detection loss per image over `batches` as a differentiable tensor.
 
-    The model is run in eval mode (BatchNorm statistics fixed, as for a Hessian); modes are restored.
+    The model is run in eval mode (BatchNorm statistics fixed, as for a Hessian); modes are restored. Images are
+    scaled to [0, 1] in the model's dtype (float64 for exact checks).
     """
     modes = {m: m.training for m in model.modules()}
+    dtype = next(model.parameters()).dtype
     model.eval()
     try:
         total, count = 0.0, 0
         for batch in batches:
             b = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            b["img"] = b["img"].float() / 255
+            b["img"] = b["img"].to(dtype) / 255
             loss, _ = model.loss(b)
             total = total + loss.sum()
             count += b["img"].shape[0]

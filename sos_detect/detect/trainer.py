@@ -20,6 +20,7 @@ from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.utils import DEFAULT_CFG, LOGGER, RANK, IterableSimpleNamespace
 from ultralytics.utils.torch_utils import unwrap_model
 
+from sos_detect.detect.flatness import detector_traces
 from sos_detect.detect.heads import detect_head_layers, parse_heads
 from sos_detect.detect.plots import head_norm, plot_run
 from sos_detect.detect.shifting import (
@@ -27,11 +28,9 @@ from sos_detect.detect.shifting import (
     HeldOutChange,
     build_capture_set,
     detection_loss,
-    detection_loss_tensor,
     shift_detector,
     shift_from_training,
 )
-from sos_detect.hessian import gradients_enabled, hessian_trace
 from sos_detect.layers import GramCapture, ShiftReport, as_v, check_shift_options
 
 SOS_DEFAULTS: dict[str, Any] = {
@@ -49,7 +48,7 @@ SOS_DEFAULTS: dict[str, Any] = {
     "sos_loss_tol": None,  # roll back a shift whose capture-set loss rises by more than this fraction
     "sos_hessian_every": 0,  # log the EMA's Hessian trace (head, whole model) every N epochs; 0 = off
     "sos_hessian_images": 8,  # training images in the Hessian's loss batch (fixed across epochs)
-    "sos_hessian_probes": 32,  # Hutchinson probes at most per estimate (stops earlier at 5 % stderr)
+    "sos_hessian_probes": 32,  # Hessian-vector products at most per Hutch++ estimate (stops earlier at 5 % stderr)
 }
 CAPTURES = ("train", "eval")
 
@@ -254,21 +253,15 @@ class SOSDetectionTrainer(DetectionTrainer):
         return reports
 
     def sos_hessian(self) -> dict[str, float]:
-        """Hutchinson trace of the EMA's detection loss on a fixed batch: head convs and the whole model."""
+        """Hessian traces of the EMA's detection loss on a fixed batch (sos/trace_X ± sos/trace_X_se): the cls head
+        convs exact (closed form, se 0), the box head convs, the head (both) and the whole model by Hutch++."""
         batches = self._capture_sample(self.args.sos_hessian_images, 0)  # the same images each time
-        model = self.ema.ema
-        heads = [m.weight for m in detect_head_layers(model, self.args.sos_heads).values()]
+        traces = detector_traces(
+            self.ema.ema, batches, self.device, max_probes=self.args.sos_hessian_probes, rtol=0.05, seed=self.args.seed
+        )
         out = {}
-        for key, params in (("sos/trace_head", heads), ("sos/trace_all", list(model.parameters()))):
-            with gradients_enabled(params):
-                est = hessian_trace(
-                    lambda: detection_loss_tensor(model, batches, self.device),
-                    params,
-                    max_probes=self.args.sos_hessian_probes,
-                    rtol=0.05,
-                    seed=self.args.seed,
-                )
-            out[key] = est.value
+        for what, est in traces.items():
+            out[f"sos/trace_{what}"], out[f"sos/trace_{what}_se"] = est.value, est.stderr
         return out
 
     def _record(self, epoch: int, reports: dict[str, ShiftReport], images: int, skipped: int, seconds: float) -> None:
@@ -323,7 +316,7 @@ class SOSDetectionTrainer(DetectionTrainer):
             "sos/head_norm": math.nan,
         }
         if self.args.sos_hessian_every:
-            row.update({"sos/trace_head": math.nan, "sos/trace_all": math.nan})
+            row.update({f"sos/trace_{w}{se}": math.nan for w in ("cls", "box", "head", "all") for se in ("", "_se")})
         return row
 
     @contextlib.contextmanager
