@@ -1,19 +1,23 @@
-"""Cost of SOS inside Ultralytics training on the embedded tree data (YOLOv5n, imgsz 320, CPU).
+"""What SOS costs where users train: wall time with vs without SOS, side by side, interleaved, median ratio.
 
-Two runs from the same seed, side by side: baseline (--no-sos) and SOS after every epoch (guarded τ = 1e-4,
-64 capture images → all 37 training tiles). Reports the time of one training iteration (forward + backward
-+ optimizer step, timed between batch callbacks), of one shift step (capture + solve + apply, model and
-EMA; the trainer's sos/seconds), the split of a shift into capture and solve, and the whole-run ratio.
-Writes benchmarks/results/bench_sos_overhead.json and the SOS run's log as sos_log_example.jsonl.
-Run: python benchmarks/bench_sos_overhead.py [epochs]
+(a) the main job at its defaults: `sos-detect train` vs `sos-detect train --no-sos` (real processes, same seed);
+(b) a 518-image dataset at 320 px (the 37 embedded training tiles, each linked 14 times), 3 epochs, same CLI;
+(c) per image, YOLOv5s (nc = 20) at 640 px: a training step (forward + loss + backward), the same step with the
+    head-input Gram hooks on (the training-pass capture), and an eval capture forward (the separate-pass capture,
+    sos_capture=eval), projected onto a VOC epoch (16,551 images).
+Runs alternate base/SOS order pair by pair; ratios are SOS/base per pair, medians reported. Prints a table and
+writes benchmarks/results/bench_sos_overhead.json (and the last SOS run's log as sos_log_example.jsonl).
+Run: python benchmarks/bench_sos_overhead.py [--repeats 3] [--sections a,b,c]
 """
 
 from __future__ import annotations
 
-import csv
+import argparse
 import json
+import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -23,104 +27,158 @@ from sos_detect.runtime import configure
 
 threads = configure()
 import torch  # noqa: E402
-from ultralytics import YOLO  # noqa: E402
 
-from sos_detect.detect import SOSDetectionTrainer  # noqa: E402
-from sos_detect.detect.embedded import EMBEDDED_YAML  # noqa: E402
-from sos_detect.detect.heads import detect_head_layers  # noqa: E402
-from sos_detect.detect.shifting import images_forward  # noqa: E402
-from sos_detect.layers import as_v, capture_grams  # noqa: E402
-from sos_detect.shift import solve_shift  # noqa: E402
+from sos_detect.detect.embedded import REPO_ROOT  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
+VOC_TRAIN_IMAGES = 16_551
 
 
-def run(project: Path, name: str, epochs: int, sos: bool) -> dict:
-    batch_times: list[float] = []
-    clock = {}
-    model = YOLO("yolov5n.yaml")
-    model.add_callback("on_train_batch_start", lambda t: clock.__setitem__("t", time.perf_counter()))
-    model.add_callback("on_train_batch_end", lambda t: batch_times.append(time.perf_counter() - clock["t"]))
+def cli_run(args: list[str], project: Path, name: str) -> tuple[float, Path]:
+    """Wall seconds of one `sos-detect train` process and its run folder."""
+    cmd = [sys.executable, "-m", "sos_detect.cli", "train", "--project", str(project), "--name", name, *args]
     start = time.perf_counter()
-    model.train(
-        trainer=SOSDetectionTrainer,
-        data=str(EMBEDDED_YAML),
-        epochs=epochs,
-        imgsz=320,
-        batch=8,
-        nbs=8,
-        device="cpu",
-        amp=False,
-        workers=0,
-        seed=0,
-        optimizer="SGD",
-        lr0=0.01,
-        plots=False,
-        verbose=False,
-        project=str(project),
-        name=name,
-        exist_ok=True,
-        sos=sos,
-        sos_start=0,
-        sos_every=1,
-        sos_images=64,
-    )
-    total = time.perf_counter() - start
-    rows = list(csv.DictReader((project / name / "results.csv").read_text().splitlines()))
-    shift_s = [float(r["sos/seconds"]) for r in rows if float(r["sos/shifted"]) > 0]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO_ROOT)
+    return time.perf_counter() - start, project / name
+
+
+def sos_seconds(run: Path) -> float:
+    """Time the run spent in shift steps (the trainer's sos/seconds column)."""
+    import csv
+
+    rows = list(csv.DictReader((run / "results.csv").read_text().splitlines()))
+    key = next(k for k in rows[0] if k.strip() == "sos/seconds")
+    return sum(float(r[key]) for r in rows)
+
+
+def paired(label: str, args: list[str], repeats: int, work: Path) -> dict:
+    """Interleaved base/SOS pairs of the same command; median of the per-pair wall-time ratios."""
+    pairs = []
+    for r in range(repeats):
+        order = ("base", "sos") if r % 2 == 0 else ("sos", "base")
+        times = {}
+        for arm in order:
+            seconds, run = cli_run(args + ([] if arm == "sos" else ["--no-sos"]), work, f"{label}_{arm}_{r}")
+            times[arm] = seconds
+            if arm == "sos":
+                times["shift_s"] = sos_seconds(run)
+                if label == "a":
+                    shutil.copy(run / "sos_log.jsonl", RESULTS / "sos_log_example.jsonl")
+        pairs.append({**times, "ratio": times["sos"] / times["base"]})
+    ratios = [p["ratio"] for p in pairs]
     return {
-        "total_s": total,
-        "iterations": len(batch_times),
-        "iteration_s": statistics.median(batch_times),
-        "shift_s": statistics.median(shift_s) if shift_s else None,
-        "trainer": model.trainer,
-        "map50": float(model.trainer.validator.metrics.box.map50),
+        "command": "sos-detect train " + " ".join(args),
+        "pairs": pairs,
+        "median_ratio": statistics.median(ratios),
+        "min_ratio": min(ratios),
+        "max_ratio": max(ratios),
+        "median_base_s": statistics.median(p["base"] for p in pairs),
+        "median_shift_s": statistics.median(p["shift_s"] for p in pairs),
     }
 
 
-def split_shift(trainer) -> dict:
-    """Capture (one eval forward over the capture images) vs solve (eigh + bisection), on the final EMA."""
-    model = trainer.ema.ema
+def repeated_dataset(work: Path, copies: int = 14) -> Path:
+    """A data YAML whose train split links each embedded training tile `copies` times (val: the embedded val)."""
+    src = REPO_ROOT / "data" / "deepforest"
+    for sub in ("images", "labels"):
+        (work / "rep" / sub / "train").mkdir(parents=True, exist_ok=True)
+    for img in sorted((src / "images" / "train").glob("*.jpg")):
+        label = src / "labels" / "train" / f"{img.stem}.txt"
+        for k in range(copies):
+            (work / "rep" / "images" / "train" / f"{img.stem}_{k}.jpg").symlink_to(img)
+            (work / "rep" / "labels" / "train" / f"{img.stem}_{k}.txt").symlink_to(label)
+    yaml = work / "rep.yaml"
+    yaml.write_text(f"path: {work / 'rep'}\ntrain: images/train\nval: {src / 'images' / 'val'}\nnames:\n  0: Tree\n")
+    return yaml
+
+
+def per_image_costs(repeats: int) -> dict:
+    """YOLOv5s, nc = 20, 640 px, batch 4 on CPU: training step, step with capture hooks, eval capture forward."""
+    from ultralytics.cfg import get_cfg
+    from ultralytics.nn.tasks import DetectionModel
+
+    from sos_detect.detect.heads import detect_head_layers
+    from sos_detect.layers import GramCapture
+
+    torch.manual_seed(0)
+    model = DetectionModel("yolov5s.yaml", nc=20, verbose=False)
+    model.args = get_cfg(overrides={"task": "detect"})
     heads = detect_head_layers(model)
-    batches = trainer._capture.sample(64, 0)
-    t0 = time.perf_counter()
-    grams = capture_grams(model, heads, batches, forward=images_forward(trainer.device))
-    t1 = time.perf_counter()
-    for name, layer in heads.items():
-        solve_shift(grams[name].gram, as_v(layer.weight.detach()), tau=1e-4)
-    t2 = time.perf_counter()
-    return {"capture_s": t1 - t0, "solve_s": t2 - t1}
+    batch = {
+        "img": torch.rand(4, 3, 640, 640),
+        "batch_idx": torch.arange(4).repeat_interleave(3).float(),
+        "cls": torch.randint(0, 20, (12, 1)).float(),
+        "bboxes": torch.rand(12, 4) * 0.4 + 0.3,
+    }
+
+    def step(hooks: bool) -> float:
+        model.train()
+        capture = GramCapture(heads, skip_nonfinite=True) if hooks else None
+        start = time.perf_counter()
+        if capture:
+            capture.start()
+        loss, _ = model.loss(batch)
+        loss.sum().backward()
+        if capture:
+            capture.stop()
+        model.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+    def eval_capture() -> float:
+        model.eval()
+        start = time.perf_counter()
+        with torch.no_grad(), GramCapture(heads):
+            model(batch["img"])
+        return time.perf_counter() - start
+
+    step(False), step(True), eval_capture()  # warm-up
+    samples = {"train": [], "train_hooked": [], "eval_capture": []}
+    for _ in range(repeats):
+        samples["train"].append(step(False))
+        samples["train_hooked"].append(step(True))
+        samples["eval_capture"].append(eval_capture())
+    med = {k: statistics.median(v) / 4 for k, v in samples.items()}  # per image
+    hook = med["train_hooked"] - med["train"]
+    out = {
+        "train_step_s_per_image": med["train"],
+        "hooked_step_s_per_image": med["train_hooked"],
+        "eval_capture_s_per_image": med["eval_capture"],
+        "hook_over_step": hook / med["train"],
+        "eval_capture_over_step": med["eval_capture"] / med["train"],
+    }
+    for images in (64, 256):
+        epoch = VOC_TRAIN_IMAGES * med["train"]
+        out[f"voc_epoch_overhead_train_capture_{images}"] = images * hook / epoch
+        out[f"voc_epoch_overhead_eval_capture_{images}"] = 2 * images * med["eval_capture"] / epoch
+    return out
 
 
 def main() -> None:
-    epochs = int(sys.argv[1]) if len(sys.argv) > 1 else 10
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--sections", default="a,b,c")
+    ap.add_argument("--out", default=str(RESULTS / "bench_sos_overhead.json"))
+    a = ap.parse_args()
+    sections = a.sections.split(",")
+    result = {"torch": torch.__version__, "threads": threads, "cpu_count": os.cpu_count(), "repeats": a.repeats}
     with tempfile.TemporaryDirectory() as tmp:
-        project = Path(tmp)
-        base = run(project, "base", epochs, sos=False)
-        sos = run(project, "sos", epochs, sos=True)
-        parts = split_shift(sos["trainer"])
-        shutil.copy(project / "sos" / "sos_log.jsonl", RESULTS / "sos_log_example.jsonl")
-    result = {
-        "torch": torch.__version__,
-        "threads": threads,
-        "epochs": epochs,
-        "imgsz": 320,
-        "batch": 8,
-        "iteration_s": base["iteration_s"],
-        "iterations_per_epoch": base["iterations"] // epochs,
-        "shift_step_s_model_and_ema": sos["shift_s"],
-        **{f"one_target_{k}": v for k, v in parts.items()},
-        "shift_over_iteration": sos["shift_s"] / base["iteration_s"],
-        "run_s_base": base["total_s"],
-        "run_s_sos": sos["total_s"],
-        "run_ratio_sos_over_base": sos["total_s"] / base["total_s"],
-        "map50_base": base["map50"],
-        "map50_sos": sos["map50"],
-    }
-    print(f"{'quantity':<46} {'value':>10}")
-    for key, value in result.items():
-        print(f"{key:<46} {value:>10.4g}" if isinstance(value, float) else f"{key:<46} {value!s:>10}")
-    (RESULTS / "bench_sos_overhead.json").write_text(json.dumps(result, indent=1))
+        work = Path(tmp)
+        if "a" in sections:
+            result["a_main_job"] = paired("a", [], a.repeats, work)
+        if "b" in sections:
+            yaml = repeated_dataset(work)
+            result["b_518_images_320px"] = paired("b", ["--data", str(yaml), "--epochs", "3"], a.repeats, work)
+    if "c" in sections:
+        result["c_yolov5s_640_per_image"] = per_image_costs(max(a.repeats, 5))
+    print(f"{'quantity':<58} {'value':>12}")
+    for section, values in result.items():
+        if not isinstance(values, dict):
+            print(f"{section:<58} {values!s:>12}")
+            continue
+        for key, value in values.items():
+            if isinstance(value, float):
+                print(f"{section + '.' + key:<58} {value:>12.4g}")
+    Path(a.out).write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sos_detect.shift import GramAccumulator, ShiftInfo, output_change, solve_shift
+from sos_detect.runtime import one_thread
+from sos_detect.shift import GramAccumulator, GramSpectrum, ShiftInfo, output_change, solve_shift, spectrum
 
 LOGGER = logging.getLogger("sos_detect")
 FIRST_MOMENTS = ("momentum_buffer", "exp_avg")
@@ -45,11 +46,15 @@ def check_layer(layer: nn.Module, name: str = "layer") -> None:
 
 
 def layer_rows(layer: nn.Module, x: Tensor) -> Tensor:
-    """The rows A (r, m) that `layer` multiplies by V, from its input x."""
+    """The rows A (r, m) that `layer` multiplies by V, from its input x.
+
+    For a 1×1 conv the rows are a transposed view of one contiguous (m, r) buffer, the layout in which AᵀA is
+    one matrix product without a further copy.
+    """
     if isinstance(layer, nn.Conv2d):
         sy, sx = layer.stride
         x = x[:, :, ::sy, ::sx]
-        return x.permute(0, 2, 3, 1).reshape(-1, layer.in_channels)
+        return x.transpose(0, 1).reshape(layer.in_channels, -1).T
     return x.reshape(-1, layer.in_features)
 
 
@@ -99,6 +104,116 @@ class _RowSampler:
         self.rows, self.keys = a.clone(), keys
 
 
+class GramCapture:
+    """Forward hooks adding each target layer's input rows to a float64 Gram G = AᵀA, in any forward pass.
+
+    Training steps included: inputs are detached and accumulated in float64 outside autocast, and nothing but the
+    m×m sums is held. With `rows`, a uniform sample of that many rows per layer is kept too (the paper's
+    stochastic mode). A batch whose features are not finite (an fp16 overflow, say) raises, or with
+    skip_nonfinite is left out and counted in `skipped`.
+    """
+
+    def __init__(
+        self,
+        layers: Mapping[str, nn.Module],
+        *,
+        rows: int | None = None,
+        seed: int = 0,
+        skip_nonfinite: bool = False,
+        max_images: int | None = None,
+    ) -> None:
+        self.layers = dict(layers)
+        self.full = {n: GramAccumulator(_in_width(m)) for n, m in self.layers.items()}
+        self._samplers = {n: _RowSampler(rows, seed + i) for i, n in enumerate(self.layers)} if rows else {}
+        self.skip_nonfinite = skip_nonfinite
+        self.max_images = max_images
+        self.skipped = dict.fromkeys(self.layers, 0)
+        self.seen = dict.fromkeys(self.layers, 0)  # images (samples) each layer has taken rows from
+        self._handles: list[Any] = []
+
+    @property
+    def images(self) -> int:
+        """Images (samples) captured: the most any layer has seen."""
+        return max(self.seen.values(), default=0)
+
+    def __enter__(self) -> GramCapture:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    @property
+    def active(self) -> bool:
+        return bool(self._handles)
+
+    def start(self) -> None:
+        if not self._handles:
+            self._handles = [m.register_forward_hook(self._hook(n)) for n, m in self.layers.items()]
+
+    def stop(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _hook(self, name: str) -> Callable:
+        def hook(module: nn.Module, inputs: tuple, _output: Any) -> None:
+            x = inputs[0].detach()
+            if self.max_images is not None and self.seen[name] >= self.max_images:
+                return
+            with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+                a = layer_rows(module, x)
+                try:
+                    self.full[name].update(a)
+                except ValueError:
+                    if not self.skip_nonfinite:
+                        raise ValueError(f"{name}: captured features contain NaN or Inf") from None
+                    self.skipped[name] += 1
+                    return
+                if self._samplers:
+                    self._samplers[name].add(a)
+            self.seen[name] += x.shape[0]
+
+        return hook
+
+    def grams(self) -> dict[str, GramAccumulator]:
+        """The Grams to solve on: of the sampled rows (paper mode) or of all rows (guarded mode)."""
+        if not self._samplers:
+            return self.full
+        out = {}
+        for name, sampler in self._samplers.items():
+            out[name] = GramAccumulator(self.full[name].m)
+            if sampler.rows is not None:
+                out[name].update(sampler.rows)
+        return out
+
+
+def eval_capture(
+    model: nn.Module,
+    layers: Mapping[str, nn.Module],
+    batches: Iterable[Any],
+    *,
+    rows: int | None = None,
+    forward: Callable[[nn.Module, Any], Any] | None = None,
+    seed: int = 0,
+) -> GramCapture:
+    """A GramCapture over one pass of `batches` in eval mode under no_grad; train/eval modes are restored."""
+    if rows is not None and (not isinstance(rows, int) or rows <= 0):
+        raise ValueError(f"rows must be a positive integer, got {rows!r}")
+    forward = forward or (lambda mdl, batch: mdl(batch))
+    capture = GramCapture(layers, rows=rows, seed=seed)
+    modes = {mod: mod.training for mod in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad(), capture:
+            for batch in batches:
+                forward(model, batch)
+    finally:
+        for mod, training in modes.items():
+            mod.training = training
+    return capture
+
+
 def capture_grams(
     model: nn.Module,
     layers: Sequence[nn.Module] | Mapping[str, nn.Module],
@@ -111,43 +226,10 @@ def capture_grams(
     """G = AᵀA of each layer's input rows over `batches`, captured in eval mode under no_grad.
 
     With `rows`, G is built from `rows` rows per layer drawn uniformly without replacement from
-    all rows seen (the paper's stochastic mode). Train/eval modes are restored afterwards.
+    all rows seen (the paper's stochastic mode).
     """
     named = resolve_layers(model, layers)
-    if rows is not None and (not isinstance(rows, int) or rows <= 0):
-        raise ValueError(f"rows must be a positive integer, got {rows!r}")
-    forward = forward or (lambda mdl, batch: mdl(batch))
-    accs = {n: GramAccumulator(_in_width(m)) for n, m in named.items()}
-    samplers = {n: _RowSampler(rows, seed + i) for i, n in enumerate(named)} if rows else {}
-
-    def make_hook(name: str) -> Callable:
-        def hook(module: nn.Module, inputs: tuple, _output: Any) -> None:
-            a = layer_rows(module, inputs[0].detach())
-            if rows:
-                if not torch.isfinite(a).all():
-                    raise ValueError(f"{name}: captured features contain NaN or Inf")
-                samplers[name].add(a)
-            else:
-                accs[name].update(a)
-
-        return hook
-
-    modes = {mod: mod.training for mod in model.modules()}
-    handles = [m.register_forward_hook(make_hook(n)) for n, m in named.items()]
-    try:
-        model.eval()
-        with torch.no_grad():
-            for batch in batches:
-                forward(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
-        for mod, training in modes.items():
-            mod.training = training
-    for name, sampler in samplers.items():
-        if sampler.rows is not None:
-            accs[name].update(sampler.rows)
-    return accs
+    return eval_capture(model, named, batches, rows=rows, forward=forward, seed=seed).grams()
 
 
 def _in_width(layer: nn.Module) -> int:
@@ -182,12 +264,14 @@ class LayerReport:
     name: str
     in_width: int
     out_width: int
-    rows: int
+    rows: int  # rows the shift was solved on (the sampled ones in paper mode)
     rank: int
     norm_before: float
     norm_after: float
     out_change_predicted: float
-    out_change_measured: float
+    out_change_measured: float  # on the rows solved on, with the weights as written
+    out_change_all: float  # on every captured row (differs from the above in paper mode only)
+    budget: float  # the bound the solver promised for out_change_measured
     mu: float
 
 
@@ -226,13 +310,13 @@ class ShiftReport:
         """A fixed-width table, one line per layer, then the totals."""
         lines = [
             f"{'layer':<28} {'m':>5} {'n':>4} {'rows':>8} {'rank':>5} {'‖V‖':>9} {'‖V′‖':>9} "
-            f"{'Δout pred':>10} {'Δout meas':>10}"
+            f"{'Δout pred':>10} {'Δout meas':>10} {'Δout all':>10}"
         ]
         for r in self.layers:
             lines.append(
                 f"{r.name:<28} {r.in_width:>5} {r.out_width:>4} {r.rows:>8} {r.rank:>5} "
                 f"{r.norm_before:>9.4f} {r.norm_after:>9.4f} {r.out_change_predicted:>10.2e} "
-                f"{r.out_change_measured:>10.2e}"
+                f"{r.out_change_measured:>10.2e} {r.out_change_all:>10.2e}"
             )
         status = "applied" if self.applied else f"rolled back ({self.reason})"
         loss = ""
@@ -266,59 +350,62 @@ def restore(saved: list[tuple[Tensor, Tensor]]) -> None:
 
 
 def _solve_layers(
-    named: Mapping[str, nn.Module], grams: Mapping[str, GramAccumulator], tau: float, rtol: float | None = None
+    named: Mapping[str, nn.Module],
+    grams: Mapping[str, GramAccumulator],
+    tau: float,
+    spectra: dict[str, GramSpectrum] | None,
 ) -> dict[str, tuple[Tensor, ShiftInfo]]:
-    """Solve every layer's shift before anything is written (all or nothing)."""
+    """Solve every layer's shift before anything is written (all or nothing); fills `spectra` for reuse."""
+    spectra = {} if spectra is None else spectra
     solved = {}
     for name, layer in named.items():
         acc = grams[name]
         if acc.rows == 0:
             raise ValueError(f"{name}: no input rows were captured (is the layer used by the forward pass?)")
+        v = as_v(layer.weight.detach())
         try:
-            solved[name] = solve_shift(acc.gram, as_v(layer.weight.detach()), tau=tau, rtol=rtol)
+            if name not in spectra:
+                spectra[name] = spectrum(acc.gram, v.dtype)
+            solved[name] = solve_shift(None, v, tau=tau, spec=spectra[name])
         except ValueError as err:
             raise ValueError(f"{name}: {err}") from err
     return solved
 
 
-def _apply_solved(
+def shift_layers(
     named: Mapping[str, nn.Module],
     grams: Mapping[str, GramAccumulator],
-    solved: Mapping[str, tuple[Tensor, ShiftInfo]],
-    report: ShiftReport,
     *,
+    mode: str = "guarded",
+    tau: float = 1e-4,
+    full: Mapping[str, GramAccumulator] | None = None,
+    spectra: dict[str, GramSpectrum] | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     loss_fn: Callable[[nn.Module], float] | None = None,
     model: nn.Module | None = None,
     loss_tol: float | None = None,
+    max_change: float | None = None,
 ) -> ShiftReport:
-    """Write the solved shifts, measure them, and roll every touched tensor back if a check fails.
+    """Solve each layer's shift from its Gram, write it in place, check it, and roll everything back on failure.
 
-    Checks: measured output change within the solver's prediction (or τ) and, with `loss_fn` and
-    `loss_tol`, (loss_after − loss_before)/|loss_before| ≤ loss_tol.
+    `grams` are solved on; `full` (default: the same) holds every captured row, on which the output change is
+    measured against `max_change`. `spectra` shares eigendecompositions between calls on the same rows (a
+    model and its EMA). Checks: measured change ≤ the solver's budget·(1 + 1e-3); change on all rows ≤
+    max_change; with `loss_fn` and `loss_tol`, (loss_after − loss_before)/|loss_before| ≤ loss_tol.
     """
+    tau = 0.0 if mode == "paper" else float(tau)
+    report = ShiftReport(mode=mode, tau=tau)
+    with one_thread():
+        solved = _solve_layers(named, grams, tau, spectra)
+    full = full or grams
+    if loss_fn is not None:
+        with torch.no_grad():
+            report.loss_before = float(loss_fn(model))
     saved = _snapshot(named, optimizer)
     try:
-        for name, layer in named.items():
-            v_old = as_v(layer.weight.detach()).clone()
-            v_new, info = solved[name]
-            apply_shift(layer, v_new, optimizer=optimizer, info=info)
-            measured = output_change(grams[name].gram, v_old, as_v(layer.weight.detach()))
-            report.layers.append(
-                LayerReport(
-                    name=name,
-                    in_width=v_old.shape[0],
-                    out_width=v_old.shape[1],
-                    rows=grams[name].rows,
-                    rank=info.rank,
-                    norm_before=info.norm_before,
-                    norm_after=info.norm_after,
-                    out_change_predicted=info.out_change,
-                    out_change_measured=measured,
-                    mu=info.mu,
-                )
-            )
-        report.reason = _check(report, loss_fn, model, loss_tol)
+        with one_thread():
+            _write_and_measure(named, grams, full, solved, report, optimizer)
+        report.reason = _check(report, loss_fn, model, loss_tol, max_change)
     except BaseException:
         restore(saved)
         raise
@@ -329,13 +416,44 @@ def _apply_solved(
     return report
 
 
-def _check(report: ShiftReport, loss_fn, model, loss_tol) -> str:
+def _write_and_measure(named, grams, full, solved, report: ShiftReport, optimizer) -> None:
+    """Write every solved V' (and its optimiser state) in place and add each layer's measured figures."""
+    for name, layer in named.items():
+        v_old = as_v(layer.weight.detach()).clone()
+        v_new, info = solved[name]
+        apply_shift(layer, v_new, optimizer=optimizer, info=info)
+        v_written = as_v(layer.weight.detach())
+        measured = output_change(grams[name].gram, v_old, v_written)
+        everywhere = measured if full is grams else output_change(full[name].gram, v_old, v_written)
+        report.layers.append(
+            LayerReport(
+                name=name,
+                in_width=v_old.shape[0],
+                out_width=v_old.shape[1],
+                rows=grams[name].rows,
+                rank=info.rank,
+                norm_before=info.norm_before,
+                norm_after=info.norm_after,
+                out_change_predicted=info.out_change,
+                out_change_measured=measured,
+                out_change_all=everywhere,
+                budget=info.budget,
+                mu=info.mu,
+            )
+        )
+
+
+def _check(report: ShiftReport, loss_fn, model, loss_tol, max_change) -> str:
     """Empty string when the shift passes its checks, else the reason it fails."""
-    eps = 10 * torch.finfo(torch.float32).eps
     for r in report.layers:
-        bound = max(r.out_change_predicted, report.tau) * (1 + 1e-3) + eps
+        bound = r.budget * (1 + 1e-3)
         if not math.isfinite(r.out_change_measured) or r.out_change_measured > bound:
-            return f"{r.name}: measured output change {r.out_change_measured:.3e} exceeds {bound:.3e}"
+            return f"{r.name}: measured output change {r.out_change_measured:.3e} exceeds its budget {bound:.3e}"
+        if max_change is not None and r.out_change_all > max_change:
+            return (
+                f"{r.name}: changes the outputs on the captured rows by {r.out_change_all:.3g} > max_change "
+                f"{max_change:g}"
+            )
     if loss_fn is not None:
         with torch.no_grad():
             report.loss_after = float(loss_fn(model))
@@ -381,10 +499,11 @@ def shift_model(
     optimizer: torch.optim.Optimizer | None = None,
     loss_fn: Callable[[nn.Module], float] | None = None,
     loss_tol: float | None = None,
+    max_change: float | None = None,
     seed: int = 0,
     sync: Callable[[dict[str, GramAccumulator]], None] | None = None,
 ) -> ShiftReport:
-    """Capture features, solve and apply an optimum shift of `layers`, with rollback on failed checks.
+    """Capture features in an eval pass, then solve and apply an optimum shift of `layers` (`shift_layers`).
 
     mode="guarded": min ‖V'‖ s.t. ‖A(V'−V)‖ ≤ τ‖AV‖ over all captured rows.
     mode="paper": τ = 0 on `rows` uniformly sampled rows (the paper's SOS; choose rows < width).
@@ -393,15 +512,23 @@ def shift_model(
     check_shift_options(mode, tau, rows, loss_tol)
     start = time.perf_counter()
     named = resolve_layers(model, layers)
-    tau = 0.0 if mode == "paper" else float(tau)
-    report = ShiftReport(mode=mode, tau=tau)
-    if loss_fn is not None:
-        with torch.no_grad():
-            report.loss_before = float(loss_fn(model))
-    grams = capture_grams(model, named, batches, rows=rows, forward=forward, seed=seed)
+    capture = eval_capture(model, named, batches, rows=rows if mode == "paper" else None, forward=forward, seed=seed)
+    grams = capture.grams()
     if sync is not None:
         sync(grams)
-    solved = _solve_layers(named, grams, tau)
-    _apply_solved(named, grams, solved, report, optimizer=optimizer, loss_fn=loss_fn, model=model, loss_tol=loss_tol)
+        if grams is not capture.full:
+            sync(capture.full)
+    report = shift_layers(
+        named,
+        grams,
+        mode=mode,
+        tau=tau,
+        full=capture.full,
+        optimizer=optimizer,
+        loss_fn=loss_fn,
+        model=model,
+        loss_tol=loss_tol,
+        max_change=max_change,
+    )
     report.seconds = time.perf_counter() - start
     return report

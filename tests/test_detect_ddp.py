@@ -1,4 +1,5 @@
-"""Two real processes under torch.distributed (gloo, CPU): every rank ends with identical shifted tensors."""
+"""Two real processes under torch.distributed (gloo, CPU): every rank ends with identical shifted tensors, for the
+eval-pass capture and for the training-pass capture (Grams summed over ranks, rank 0's result broadcast)."""
 
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import torch
 
 WORKER = textwrap.dedent(
     """
+    import copy
     import sys
     from pathlib import Path
 
@@ -21,7 +23,8 @@ WORKER = textwrap.dedent(
 
     from sos_detect.detect.data import load_data
     from sos_detect.detect.heads import detect_head_layers
-    from sos_detect.detect.shifting import build_capture_set, shift_detector
+    from sos_detect.detect.shifting import build_capture_set, shift_detector, shift_from_training
+    from sos_detect.layers import GramCapture
 
     out = Path(sys.argv[1])
     world = int(sys.argv[2])
@@ -41,12 +44,26 @@ WORKER = textwrap.dedent(
     _, data = load_data(None)
     capture = build_capture_set(get_cfg(overrides={"imgsz": 128, "task": "detect"}), data, 32, 4)
     batches = capture.sample(8, seed=0, rank=rank, world_size=world)
+    ema = copy.deepcopy(model)
+    for p in ema.parameters():
+        p.data.mul_(0.99)  # an EMA that differs from the model
     report = shift_detector(model, batches, device=torch.device("cpu"), optimizer=opt, tau=1e-3)
+    # the training-pass path: hooks on this rank's forward passes, Grams summed over ranks, model and EMA shifted
+    capture = GramCapture(detect_head_layers(ema), skip_nonfinite=True)
+    ema.eval()  # eval-mode BN: per-image features do not depend on how the images are split across ranks
+    with torch.no_grad(), capture:
+        for b in batches:
+            ema(b["img"].float() / 255)
+    ema_copy = copy.deepcopy(ema)
+    reports = shift_from_training(capture, {"ema": (ema, None), "copy": (ema_copy, None)}, tau=1e-3)
     torch.save(
         {
             "weights": {n: m.weight.detach().clone() for n, m in heads.items()},
             "momentum": {n: opt.state[m.weight]["momentum_buffer"].clone() for n, m in heads.items()},
+            "ema": {n: m.weight.detach().clone() for n, m in detect_head_layers(ema).items()},
             "rows": {r.name: r.rows for r in report.layers},
+            "train_rows": {r.name: r.rows for r in reports["ema"].layers},
+            "applied": all(r.applied for r in reports.values()),
             "images": sum(b["img"].shape[0] for b in batches),
         },
         out / f"rank{rank}_of{world}.pt",
@@ -82,3 +99,8 @@ def test_two_process_gloo_shift_is_identical_on_both_ranks(tmp_path):
         # the Gram is all-reduced: same rows as one process over all 8 images, and the same solution
         assert r0["rows"][name] == single["rows"][name]
         torch.testing.assert_close(r0["weights"][name], single["weights"][name], rtol=1e-4, atol=1e-6)
+        # training-pass path: identical on both ranks, the same rows and result as one process
+        assert torch.equal(r0["ema"][name], r1["ema"][name])
+        assert r0["train_rows"][name] == single["train_rows"][name]
+        torch.testing.assert_close(r0["ema"][name], single["ema"][name], rtol=1e-4, atol=1e-6)
+    assert r0["applied"] and r1["applied"] and single["applied"]

@@ -8,7 +8,7 @@ from conftest import low_rank_rows
 from torch import nn
 
 from sos_detect.classify.digits import load_digits_split, train_digits_mlp
-from sos_detect.layers import apply_shift, as_v, capture_grams, layer_rows, shift_model
+from sos_detect.layers import GramCapture, apply_shift, as_v, capture_grams, layer_rows, shift_model
 from sos_detect.shift import solve_shift
 
 
@@ -168,3 +168,36 @@ def test_bad_input(rng):
     with pytest.raises(ValueError, match="no input rows"):
         shift_model(lin, {"unused": unused}, [torch.randn(2, 4)])
     assert torch.equal(unused.weight, w)
+
+
+def test_gram_capture_in_training_passes_under_autocast_skips_nonfinite_batches(rng):
+    """Hooks in a train-mode forward + backward under bf16 autocast: the Gram is the float64 AᵀA of the bf16 inputs
+    the layer really received; a batch with an Inf is left out and counted; nothing is captured once stopped."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1))  # no BN: it runs in fp32
+    head = model[2]
+    received = []
+    probe = head.register_forward_hook(lambda m, inp, out: received.append(inp[0].detach().clone()))
+    capture = GramCapture({"head": head}, skip_nonfinite=True)
+    model.train()
+    with capture:
+        for i in range(3):
+            x = torch.randn(2, 3, 5, 5, generator=rng)
+            if i == 1:
+                x[0, 0, 0, 0] = float("inf")
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = model(x)
+            out.float().square().mean().backward()
+    model(torch.randn(2, 3, 5, 5, generator=rng))  # after stop: not captured
+    probe.remove()
+    assert len(received) == 4 and all(r.dtype == torch.bfloat16 for r in received[:3])
+    assert capture.skipped["head"] == 1 and capture.images == 4
+    kept = [r for r in received[:3] if torch.isfinite(r).all()]
+    expected = sum(r.double().permute(0, 2, 3, 1).reshape(-1, 8).T @ r.double().permute(0, 2, 3, 1).reshape(-1, 8)
+                   for r in kept)  # fmt: skip
+    torch.testing.assert_close(capture.full["head"].gram, expected, rtol=1e-12, atol=1e-12)
+    assert capture.full["head"].rows == 2 * 2 * 25
+    limited = GramCapture({"head": head}, max_images=3)
+    with limited, torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(2, 3, 5, 5, generator=rng))
+    assert limited.images == 4  # batches are taken whole until the limit is reached

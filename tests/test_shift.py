@@ -8,7 +8,7 @@ import torch
 from conftest import low_rank_rows
 from scipy.optimize import brentq, minimize
 
-from sos_detect.shift import GramAccumulator, output_change, solve_shift
+from sos_detect.shift import GramAccumulator, default_rtol, output_change, solve_shift
 
 
 def gram_of(a: torch.Tensor) -> torch.Tensor:
@@ -174,3 +174,39 @@ def test_bad_input(rng):
         solve_shift(torch.zeros(4, 4, dtype=torch.float64), torch.ones(4, 2))
     with pytest.raises(ValueError, match="widths"):
         acc.merge(GramAccumulator(3))
+
+
+def near_null_case(dtype: torch.dtype, seed: int = 0):
+    """Rows whose Gram has 5 strong directions and 59 below the rank tolerance, and a V whose components in those
+    59 directions are so large that they carry far more than τ² of the output energy ‖AV‖²."""
+    g = torch.Generator().manual_seed(seed)
+    m, n = 64, 6
+    q, _ = torch.linalg.qr(torch.randn(m, m, generator=g, dtype=torch.float64))
+    tiny, big = (1e-11, 1e3) if dtype == torch.float32 else (1e-15, 1e6)
+    lam = torch.cat([torch.rand(5, generator=g, dtype=torch.float64) + 0.5, torch.full((m - 5,), tiny)])
+    rows = (lam.sqrt()[:, None] * q.T).to(dtype)  # A = diag(√λ) Qᵀ: G = Q diag(λ) Qᵀ
+    scale = torch.cat([torch.ones(5), torch.full((m - 5,), big)]).double()
+    v = (q @ (scale[:, None] * torch.randn(m, n, generator=g, dtype=torch.float64))).to(dtype)
+    return rows, v
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("tau", [1e-7, 1e-4, 1e-3])
+def test_budget_holds_when_near_null_directions_carry_the_energy(dtype, tau):
+    rows, v = near_null_case(dtype)
+    gram = gram_of(rows)
+    spec_rtol = default_rtol(64, dtype)
+    # the premise: dropping the numerically-zero directions alone would break the budget many times over
+    a64, v64 = rows.double(), v.double()
+    lam, u = torch.linalg.eigh(gram)
+    null = lam <= spec_rtol * lam.max()
+    assert int(null.sum()) == 59
+    dropped = float((a64 @ (u[:, null] @ (u[:, null].T @ v64))).norm() / (a64 @ v64).norm())
+    assert dropped > 2 * tau  # they carry more than τ² of the output energy
+    v_new, info = solve_shift(gram, v, tau=tau)
+    assert v_new.dtype == dtype  # stored as the layer would store it
+    measured = rel_out_change(rows, v, v_new)  # from the rows themselves, float64
+    assert info.budget == tau and info.out_change <= tau
+    assert measured <= tau * (1 + 1e-3)
+    if tau > 100 * torch.finfo(dtype).eps:  # a budget float32 storage can resolve: the shift really shrinks V
+        assert float(v_new.double().norm()) < float(v64.norm())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -12,8 +13,8 @@ import torch.distributed as dist
 from torch import nn
 
 from sos_detect.detect.heads import detect_head_layers
-from sos_detect.layers import FIRST_MOMENTS, ShiftReport, shift_model
-from sos_detect.shift import GramAccumulator
+from sos_detect.layers import FIRST_MOMENTS, GramCapture, ShiftReport, as_v, shift_layers, shift_model
+from sos_detect.shift import GramAccumulator, output_change
 
 
 class CaptureSet:
@@ -123,10 +124,11 @@ def shift_detector(
     rows: int | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     loss_tol: float | None = None,
+    max_change: float | None = None,
     measure_loss: bool = False,
     seed: int = 0,
 ) -> ShiftReport:
-    """Shift the head convs of one detector (a training model or its EMA) on the capture batches.
+    """Shift the head convs of one detector (a training model or its EMA) on the capture batches (eval passes).
 
     The capture-set loss is measured before and after when `measure_loss` or `loss_tol` is set.
     Under torch.distributed the Grams are all-reduced before solving and rank 0's result is broadcast,
@@ -136,6 +138,10 @@ def shift_detector(
     ddp = _ddp()
     if ddp and rows:
         rows = math.ceil(rows / dist.get_world_size())  # each rank samples its share of the b rows
+    if not ddp or dist.get_rank() == 0:  # Ultralytics' progress bar over the capture pass
+        from ultralytics.utils import TQDM
+
+        batches = TQDM(batches, desc="SOS capture", total=len(batches), leave=False)
     report = shift_model(
         model,
         layers,
@@ -147,9 +153,78 @@ def shift_detector(
         optimizer=optimizer,
         loss_fn=detection_loss(batches, device) if measure_loss or loss_tol is not None else None,
         loss_tol=loss_tol,
+        max_change=max_change,
         seed=seed,
         sync=all_reduce_grams if ddp else None,
     )
     if ddp:
         broadcast_shifted(layers, optimizer)
     return report
+
+
+def shift_from_training(
+    capture: GramCapture,
+    targets: Mapping[str, tuple[nn.Module, torch.optim.Optimizer | None]],
+    *,
+    heads: str = "box,cls",
+    mode: str = "guarded",
+    tau: float = 1e-4,
+    max_change: float | None = None,
+    loss_fn=None,
+    loss_tol: float | None = None,
+) -> dict[str, ShiftReport]:
+    """Shift every target's head convs (a training model and its EMA) on the Grams its training passes captured.
+
+    Each target gets its own minimum-norm V' under the same rows A (min ‖V'‖ s.t. ‖A(V'−V)‖ ≤ τ‖AV‖ for its own
+    V); one eigendecomposition per layer serves all of them. Under torch.distributed the Grams are summed over
+    ranks first and rank 0's tensors broadcast after, so all ranks end identical.
+    """
+    grams = capture.grams()
+    if _ddp():
+        all_reduce_grams(grams)
+        if grams is not capture.full:
+            all_reduce_grams(capture.full)
+    spectra: dict = {}
+    reports = {}
+    for name, (model, optimizer) in targets.items():
+        start = time.perf_counter()
+        layers = detect_head_layers(model, heads)
+        reports[name] = shift_layers(
+            layers,
+            grams,
+            mode=mode,
+            tau=tau,
+            full=capture.full,
+            spectra=spectra,
+            optimizer=optimizer,
+            loss_fn=loss_fn,
+            model=model,
+            loss_tol=loss_tol,
+            max_change=max_change,
+        )
+        if _ddp():
+            broadcast_shifted(layers, optimizer)
+        reports[name].seconds = time.perf_counter() - start
+    return reports
+
+
+class HeldOutChange:
+    """The output change of a shift on images it was not solved on: the Grams of the shifted head convs' next
+    forward passes (e.g. a validation pass) over at most `images` images, against the weights before the shift."""
+
+    def __init__(self, layers: Mapping[str, nn.Module], before: Mapping[str, torch.Tensor], images: int) -> None:
+        self.layers, self.before = dict(layers), dict(before)
+        self.capture = GramCapture(self.layers, skip_nonfinite=True, max_images=images)
+
+    def start(self) -> None:
+        self.capture.start()
+
+    def finish(self) -> float:
+        """max over layers of ‖A(V'−V)‖/‖AV‖ on the rows seen; NaN if no forward pass ran."""
+        self.capture.stop()
+        changes = [
+            output_change(self.capture.full[n].gram, self.before[n], as_v(layer.weight.detach()))
+            for n, layer in self.layers.items()
+            if self.capture.full[n].rows
+        ]
+        return max(changes) if changes else math.nan

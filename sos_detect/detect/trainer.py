@@ -1,4 +1,9 @@
-"""SOSDetectionTrainer: Ultralytics' DetectionTrainer with periodic optimum shifting of the head convs."""
+"""SOSDetectionTrainer: Ultralytics' DetectionTrainer with periodic optimum shifting of the head convs.
+
+Where the shift happens: `SOSDetectionTrainer.sos_shift`, at the end of an epoch, before its validation and
+checkpoint. By default (sos_capture="train") the head convs' input Grams come from the epoch's own last training
+passes: hooks are on only for the last ⌈sos_images / images per batch⌉ batches, so no extra forward pass is made.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import contextlib
 import json
 import math
 import time
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -15,26 +21,36 @@ from ultralytics.utils import DEFAULT_CFG, LOGGER, RANK, IterableSimpleNamespace
 from ultralytics.utils.torch_utils import unwrap_model
 
 from sos_detect.detect.flatness import detector_traces
-from sos_detect.detect.heads import parse_heads
+from sos_detect.detect.heads import detect_head_layers, parse_heads
 from sos_detect.detect.plots import head_norm, plot_run
-from sos_detect.detect.shifting import CaptureSet, build_capture_set, shift_detector
-from sos_detect.layers import ShiftReport, check_shift_options
+from sos_detect.detect.shifting import (
+    CaptureSet,
+    HeldOutChange,
+    build_capture_set,
+    detection_loss,
+    shift_detector,
+    shift_from_training,
+)
+from sos_detect.layers import GramCapture, ShiftReport, as_v, check_shift_options
 
 SOS_DEFAULTS: dict[str, Any] = {
     "sos": True,  # shift at all (False: a baseline run that differs only in SOS)
     "sos_mode": "guarded",  # guarded (output-change budget τ) | paper (τ = 0 on sos_rows sampled rows)
-    "sos_tau": 1e-4,  # guarded budget: ‖A(V'−V)‖ ≤ τ‖AV‖ on the capture set
+    "sos_tau": 1e-4,  # guarded budget: ‖A(V'−V)‖ ≤ τ‖AV‖ on the captured rows
     "sos_rows": None,  # paper mode: rows b sampled per layer (b < layer width)
-    "sos_images": 64,  # capture-set size: training images per shift, letterboxed, no augmentation
+    "sos_capture": "train",  # train: Grams from the last training passes before a shift; eval: separate eval passes
+    "sos_images": 64,  # images captured per shift (train: the epoch's last ones, augmented; eval: letterboxed)
     "sos_every": 1,  # shift every this many epochs
     "sos_start": None,  # 0-based first epoch after which a shift may happen (default: ceil(warmup_epochs))
     "sos_final": True,  # shift after the final epoch too, before the last validation and checkpoint
     "sos_heads": "box,cls",  # which head convs: box (cv2[i][-1]), cls (cv3[i][-1])
+    "sos_max_change": 0.05,  # roll back a shift that changes any head's outputs on the captured rows by more
     "sos_loss_tol": None,  # roll back a shift whose capture-set loss rises by more than this fraction
     "sos_hessian_every": 0,  # log the EMA's Hessian trace (head, whole model) every N epochs; 0 = off
     "sos_hessian_images": 8,  # training images in the Hessian's loss batch (fixed across epochs)
     "sos_hessian_probes": 32,  # Hessian-vector products at most per Hutch++ estimate (stops earlier at 5 % stderr)
 }
+CAPTURES = ("train", "eval")
 
 
 def check_sos_args(args: Any) -> None:
@@ -47,6 +63,8 @@ def check_sos_args(args: Any) -> None:
         raise ValueError(f"sos_hessian_every must be an integer >= 0, got {args.sos_hessian_every!r}")
     if args.sos_start is not None and (not isinstance(args.sos_start, int) or args.sos_start < 0):
         raise ValueError(f"sos_start must be an integer >= 0, got {args.sos_start!r}")
+    if args.sos_capture not in CAPTURES:
+        raise ValueError(f"sos_capture must be one of {CAPTURES}, got {args.sos_capture!r}")
     parse_heads(args.sos_heads)
     check_shift_options(args.sos_mode, args.sos_tau, args.sos_rows, args.sos_loss_tol, prefix="sos_")
 
@@ -64,30 +82,82 @@ class SOSDetectionTrainer(DetectionTrainer):
         check_sos_args(SimpleNamespace(**{**cfg, **(overrides or {})}))  # before anything is written to disk
         super().__init__(cfg, overrides, _callbacks)
         check_sos_args(self.args)  # again: a resumed run takes its options from the checkpoint
-        self._capture: CaptureSet | None = None
+        self._capture_set: CaptureSet | None = None  # letterboxed training images (eval capture, loss, Hessian)
+        self._train_capture: GramCapture | None = None  # hooks on the training model during an epoch's last batches
+        self._batch = 0
+        self._held_out: HeldOutChange | None = None
+        self._pending: list[dict[str, Any]] = []  # sos_log entries of this epoch, written with its metrics
         self._sos_row = self._empty_row()
 
     # -- Ultralytics extension points --------------------------------------------------------------
+    def check_resume(self, overrides):
+        """Ultralytics' resume, plus the SOS options: the checkpoint keeps them on its model (`sos_args`), not in its
+        train_args, so that plain Ultralytics can resume, fine-tune and validate it too. A resumed checkpoint
+        continues in the run folder it lives in (RUN/weights/last.pt → RUN), copied or not."""
+        super().check_resume(overrides)
+        if not self.resume:
+            return
+        from ultralytics.utils.patches import torch_load
+
+        last = Path(self.args.resume)
+        ckpt = torch_load(last, map_location="cpu")
+        saved = getattr(ckpt.get("ema") or ckpt.get("model"), "sos_args", None) or {}
+        for key, default in SOS_DEFAULTS.items():
+            setattr(self.args, key, saved.get(key, getattr(self.args, key, default)))
+        ignored = [k for k, v in (overrides or {}).items() if k in SOS_DEFAULTS and v != getattr(self.args, k)]
+        if ignored:
+            LOGGER.warning(
+                f"Resume ignores {ignored}, using the checkpoint's SOS options. Start a new run to change them."
+            )
+        if last.parent.name == "weights":
+            self.args.save_dir = str(last.parent.parent)
+
+    def resume_training(self, ckpt):
+        """Resume, and cut results.csv and sos_log.jsonl back to the checkpoint's epochs: an epoch logged after its
+        checkpoint was written (an interruption in between) is trained and logged again, not twice."""
+        super().resume_training(ckpt)
+        if self.resume and RANK in {-1, 0}:
+            keep_epochs(self.csv, self.save_dir / "sos_log.jsonl", self.start_epoch)
+
+    def save_model(self):
+        """Ultralytics' checkpoints, with train_args free of sos_* keys (plain Ultralytics rejects unknown keys when
+        it resumes) and the SOS options on the saved model as `sos_args`, where this trainer finds them."""
+        self.ema.ema.sos_args = {k: getattr(self.args, k) for k in SOS_DEFAULTS}
+        with self._plain_args():
+            return super().save_model()
+
     def get_validator(self):
         """The stock validator, built from args without the sos_* keys (its own arg check rejects them)."""
         with self._plain_args():
             return super().get_validator()
 
     def run_callbacks(self, event: str):
-        """Shift at the epoch end, before validation and saving (a method, so it survives DDP re-spawn)."""
-        if event == "on_train_epoch_end":
-            if self._shift_due(self.epoch):
-                self.sos_shift(self.epoch)
-            self._sos_row["sos/head_norm"] = head_norm(self.ema.ema)
-            every = self.args.sos_hessian_every
-            if every and ((self.epoch + 1) % every == 0 or self.epoch + 1 >= self.epochs):
-                self._sos_row.update(self.sos_hessian())
-        if event == "on_train_end" and RANK in {-1, 0}:
-            plot_run(self.save_dir)
+        """Capture during an epoch's last batches, shift at its end (methods, so they survive DDP re-spawn)."""
+        if event == "on_train_epoch_start":
+            self._stop_train_capture()
+            self._batch = 0
+        elif event == "on_train_batch_start":
+            self._maybe_start_train_capture()
+            self._batch += 1
+        elif event == "on_train_epoch_end":
+            self._epoch_end()
+        elif event == "on_train_end" and RANK in {-1, 0}:
+            for path in plot_run(self.save_dir):
+                self.on_plot(path)
         super().run_callbacks(event)
 
     def save_metrics(self, metrics: dict):
-        """results.csv with the sos/ columns (constant across epochs; zeros where no shift ran)."""
+        """results.csv and the loggers' `trainer.metrics` get the sos/ figures; sos_log.jsonl gets this epoch's
+        shifts, with the EMA's output change measured on the validation images it was not solved on."""
+        if self._held_out is not None:
+            change = self._held_out.finish()
+            self._held_out = None
+            self._sos_row["sos/ema_heldout_change"] = change
+            for entry in self._pending:
+                if entry["target"] == "ema":
+                    entry["heldout_change"] = change
+        self._write_log()
+        self.metrics = {**(self.metrics or {}), **self._sos_row}
         super().save_metrics({**metrics, **self._sos_row})
         self._sos_row = self._empty_row()
 
@@ -103,30 +173,98 @@ class SOSDetectionTrainer(DetectionTrainer):
         scheduled = epoch >= self.sos_start and (epoch - self.sos_start) % self.args.sos_every == 0
         return scheduled or (self.args.sos_final and epoch + 1 >= self.epochs)
 
-    def sos_shift(self, epoch: int) -> dict[str, ShiftReport]:
-        """Shift the model (with its optimiser state) and the EMA, each on its own features."""
+    def _maybe_start_train_capture(self) -> None:
+        """Hooks on for the last ⌈sos_images / images per batch⌉ batches of an epoch that ends with a shift."""
+        if self.args.sos_capture != "train" or self._train_capture is not None or not self._shift_due(self.epoch):
+            return
+        batches = len(self.train_loader)
+        per_batch = self.batch_size * max(self.world_size, 1)
+        last = len(self.train_loader.dataset) * max(self.world_size, 1) - (batches - 1) * per_batch
+        window = min(batches, 1 + math.ceil(max(self.args.sos_images - last, 0) / per_batch))
+        if self._batch >= batches - window:
+            rows = self.args.sos_rows if self.args.sos_mode == "paper" else None
+            if rows and self.world_size > 1:
+                rows = math.ceil(rows / self.world_size)  # each rank samples its share of the b rows
+            layers = detect_head_layers(unwrap_model(self.model), self.args.sos_heads)
+            self._train_capture = GramCapture(layers, rows=rows, seed=self.args.seed + self.epoch, skip_nonfinite=True)
+            self._train_capture.start()
+
+    def _stop_train_capture(self) -> GramCapture | None:
+        capture, self._train_capture = self._train_capture, None
+        if capture is not None:
+            capture.stop()
+        return capture
+
+    def _epoch_end(self) -> None:
+        capture = self._stop_train_capture()
+        if self._shift_due(self.epoch):
+            self.sos_shift(self.epoch, capture)
+        self._sos_row["sos/head_norm"] = head_norm(self.ema.ema)
+        every = self.args.sos_hessian_every
+        if every and ((self.epoch + 1) % every == 0 or self.epoch + 1 >= self.epochs):
+            self._sos_row.update(self.sos_hessian())
+        if self._held_out is not None:
+            self._held_out.start()  # hooks on the EMA's heads: the next forward passes are the validation's
+
+    def sos_shift(self, epoch: int, capture: GramCapture | None = None) -> dict[str, ShiftReport]:
+        """Shift the model (with its optimiser state) and the EMA: on the Grams of the epoch's last training passes
+        (`capture`, sos_capture="train"), or each on its own eval pass over sampled training images ("eval")."""
         start = time.perf_counter()
-        if self._capture is None:
-            self._build_capture()
-        world = max(self.world_size, 1)
-        batches = self._capture.sample(self.args.sos_images, self.args.seed + epoch, max(RANK, 0), world)
-        targets = {"model": (unwrap_model(self.model), self.optimizer), "ema": (self.ema.ema, None)}
-        reports = {}
-        for name, (model, optimizer) in targets.items():
-            reports[name] = shift_detector(
-                model,
-                batches,
-                device=self.device,
-                heads=self.args.sos_heads,
-                mode=self.args.sos_mode,
-                tau=self.args.sos_tau,
-                rows=self.args.sos_rows,
-                optimizer=optimizer,
-                loss_tol=self.args.sos_loss_tol,
-                measure_loss=self.args.sos_hessian_every > 0,
-                seed=self.args.seed + epoch,
-            )
-        seconds = time.perf_counter() - start
+        model, ema = unwrap_model(self.model), self.ema.ema
+        ema_heads = detect_head_layers(ema, self.args.sos_heads)
+        ema_before = {n: as_v(m.weight.detach()).clone() for n, m in ema_heads.items()}
+        loss_batches = None
+        if self.args.sos_loss_tol is not None or self.args.sos_hessian_every:
+            loss_batches = self._capture_sample(self.args.sos_images, epoch)
+        options = dict(
+            heads=self.args.sos_heads,
+            mode=self.args.sos_mode,
+            tau=self.args.sos_tau,
+            max_change=self.args.sos_max_change,
+            loss_tol=self.args.sos_loss_tol,
+        )
+        if self.args.sos_capture == "train":
+            if capture is None or capture.images == 0:
+                LOGGER.warning(f"SOS epoch {epoch + 1}: no training rows were captured (epoch cut short?); no shift")
+                return {}
+            loss_fn = detection_loss(loss_batches, self.device) if loss_batches else None
+            targets = {"model": (model, self.optimizer), "ema": (ema, None)}
+            reports = shift_from_training(capture, targets, loss_fn=loss_fn, **options)
+            images, skipped = capture.images * max(self.world_size, 1), max(capture.skipped.values())
+        else:
+            batches = self._capture_sample(self.args.sos_images, epoch)
+            reports = {
+                name: shift_detector(
+                    target,
+                    batches,
+                    device=self.device,
+                    rows=self.args.sos_rows,
+                    optimizer=optimizer,
+                    measure_loss=loss_batches is not None,
+                    seed=self.args.seed + epoch,
+                    **options,
+                )
+                for name, (target, optimizer) in {"model": (model, self.optimizer), "ema": (ema, None)}.items()
+            }
+            images, skipped = sum(b["img"].shape[0] for b in batches), 0
+        if RANK in {-1, 0} and reports["ema"].applied:  # measured in this epoch's validation pass
+            self._held_out = HeldOutChange(ema_heads, ema_before, images=self.args.sos_images)
+        self._record(epoch, reports, images, skipped, time.perf_counter() - start)
+        return reports
+
+    def sos_hessian(self) -> dict[str, float]:
+        """Hessian traces of the EMA's detection loss on a fixed batch (sos/trace_X ± sos/trace_X_se): the cls head
+        convs exact (closed form, se 0), the box head convs, the head (both) and the whole model by Hutch++."""
+        batches = self._capture_sample(self.args.sos_hessian_images, 0)  # the same images each time
+        traces = detector_traces(
+            self.ema.ema, batches, self.device, max_probes=self.args.sos_hessian_probes, rtol=0.05, seed=self.args.seed
+        )
+        out = {}
+        for what, est in traces.items():
+            out[f"sos/trace_{what}"], out[f"sos/trace_{what}_se"] = est.value, est.stderr
+        return out
+
+    def _record(self, epoch: int, reports: dict[str, ShiftReport], images: int, skipped: int, seconds: float) -> None:
         applied = [r for r in reports.values() if r.applied]
         self._sos_row.update(
             {
@@ -137,40 +275,34 @@ class SOSDetectionTrainer(DetectionTrainer):
                 "sos/seconds": seconds,
             }
         )
-        if RANK in {-1, 0}:
-            self._log_shift(epoch, reports)
-        return reports
-
-    def sos_hessian(self) -> dict[str, float]:
-        """Hessian traces of the EMA's detection loss on a fixed batch (sos/trace_X ± sos/trace_X_se): the cls head
-        convs exact (closed form, se 0), the box head convs, the head (both) and the whole model by Hutch++."""
-        if self._capture is None:
-            self._build_capture()
-        batches = self._capture.sample(self.args.sos_hessian_images, self.args.seed)  # the same images each time
-        traces = detector_traces(
-            self.ema.ema, batches, self.device, max_probes=self.args.sos_hessian_probes, rtol=0.05, seed=self.args.seed
-        )
-        out = {}
-        for what, est in traces.items():
-            out[f"sos/trace_{what}"], out[f"sos/trace_{what}_se"] = est.value, est.stderr
-        return out
-
-    def _log_shift(self, epoch: int, reports: dict[str, ShiftReport]) -> None:
-        with open(self.save_dir / "sos_log.jsonl", "a", encoding="utf-8") as f:
-            for target, report in reports.items():
-                entry = {"epoch": epoch + 1, "target": target, **report.to_dict()}
-                f.write(json.dumps(entry) + "\n")
+        capture = self.args.sos_capture
+        self._pending = [
+            {"epoch": epoch + 1, "target": t, "capture": capture, "images": images, "skipped_batches": skipped}
+            | r.to_dict()
+            for t, r in reports.items()
+        ]
         for target, report in reports.items():
             LOGGER.info(
                 f"SOS epoch {epoch + 1} {target}: norm ratio {report.norm_ratio:.4f}, "
-                f"max output change {report.max_out_change:.2e}, "
+                f"max output change {report.max_out_change:.2e} on {images} {capture}-pass images, "
                 f"{'applied' if report.applied else 'rolled back: ' + report.reason}"
             )
 
-    def _build_capture(self) -> None:
-        stride = max(int(unwrap_model(self.model).stride.max()), 32)
-        with self._plain_args():
-            self._capture = build_capture_set(self.args, self.data, stride, self.batch_size)
+    def _write_log(self) -> None:
+        if self._pending and RANK in {-1, 0}:
+            with open(self.save_dir / "sos_log.jsonl", "a", encoding="utf-8") as f:
+                for entry in self._pending:
+                    f.write(json.dumps(entry) + "\n")
+        self._pending = []
+
+    def _capture_sample(self, images: int, seed_offset: int) -> list[dict[str, Any]]:
+        """This rank's share of `images` letterboxed training images, seeded by args.seed + seed_offset."""
+        if self._capture_set is None:
+            stride = max(int(unwrap_model(self.model).stride.max()), 32)
+            with self._plain_args():
+                self._capture_set = build_capture_set(self.args, self.data, stride, self.batch_size)
+        world = max(self.world_size, 1)
+        return self._capture_set.sample(images, self.args.seed + seed_offset, max(RANK, 0), world)
 
     def _empty_row(self) -> dict[str, float]:
         """Every sos/ column at its no-shift value (NaN: not measured this epoch)."""
@@ -179,6 +311,7 @@ class SOSDetectionTrainer(DetectionTrainer):
             "sos/norm_ratio": 1.0,
             "sos/ema_norm_ratio": 1.0,
             "sos/out_change": 0.0,
+            "sos/ema_heldout_change": math.nan,
             "sos/seconds": 0.0,
             "sos/head_norm": math.nan,
         }
@@ -195,3 +328,14 @@ class SOSDetectionTrainer(DetectionTrainer):
             yield
         finally:
             self.args = full
+
+
+def keep_epochs(results_csv: Path, sos_log: Path, epochs: int) -> None:
+    """Keep the rows of epochs 1..`epochs` in results.csv and sos_log.jsonl (those a checkpoint holds)."""
+    if results_csv.is_file():
+        lines = results_csv.read_text().splitlines(keepends=True)
+        kept = lines[:1] + [line for line in lines[1:] if float(line.split(",", 1)[0]) <= epochs]
+        results_csv.write_text("".join(kept))
+    if sos_log.is_file():
+        lines = sos_log.read_text().splitlines(keepends=True)
+        sos_log.write_text("".join(line for line in lines if json.loads(line)["epoch"] <= epochs))
