@@ -11,7 +11,8 @@ import pytest
 import torch
 from conftest import tiny_train
 
-from sos_detect.detect.checkpoint import capture_set_for, load_detector_checkpoint, working_copy
+from sos_detect.checkpoints import load_detector
+from sos_detect.detect.checkpoint import capture_set_for, working_copy
 from sos_detect.detect.data import load_data
 from sos_detect.detect.embedded import REPO_ROOT
 from sos_detect.detect.flatness import detector_params
@@ -41,7 +42,7 @@ def test_trainer_logs_trace_and_norm_and_plots(tmp_path):
     for name in ("sos_trace.png", "sos_head_norm.png", "sos_shift_loss.png"):
         assert (run / name).stat().st_size > 1000
     # independent recomputation on the saved EMA (fp16 in the checkpoint), same images and probes
-    ckpt = load_detector_checkpoint(run / "weights" / "last.pt")
+    ckpt = load_detector(run / "weights" / "last.pt")
     model = working_copy(ckpt.get("ema") or ckpt["model"], CPU, imgsz=128, batch=8)
     batches = capture_set_for(model, load_data(None)[1]).sample(2, 0)
     params = detector_params(model, "head")
@@ -100,7 +101,7 @@ def test_hessian_command_before_after(tmp_path):
     assert eigs["before"][0] >= eigs["before"][1]
     assert Path(tmp_path / "fig2_top_eigenvalues.png").stat().st_size > 1000
     # independent check of the reported top eigenvalue before the shift
-    ckpt = load_detector_checkpoint(CKPT)
+    ckpt = load_detector(CKPT)
     model = working_copy(ckpt.get("ema") or ckpt["model"], CPU, imgsz=160, batch=16)
     batches = capture_set_for(model, load_data(None)[1]).sample(2, 0)
     params = detector_params(model, "head")
