@@ -96,7 +96,7 @@ def _unsafe_kind(path: Path, name: str, err: Exception) -> CheckpointError:
     try:
         names = [str(g) for g in torch.serialization.get_unsafe_globals_in_checkpoint(path)]
     except Exception:  # noqa: BLE001 - not even a torch archive
-        return CheckpointError(f"{name}: not a PyTorch checkpoint ({type(err).__name__}: {str(err).splitlines()[0]})")
+        return CheckpointError(f"{name}: not a PyTorch checkpoint (neither a torch archive nor a pickle of tensors)")
     nets = [g for g in names if g.startswith("ultralytics.nn.tasks.")]
     if any(g.endswith("ClassificationModel") for g in nets):
         return CheckpointError(f"{name}: a YOLO classification checkpoint (ClassificationModel), not a state dict")

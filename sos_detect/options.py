@@ -179,7 +179,6 @@ SOS_OPTIONS: tuple[Option, ...] = (
         rule=_ONE,
     ),
 )
-SOS_BY_KEY: dict[str, Option] = {o.key: o for o in SOS_OPTIONS}
 SOS_DEFAULTS: dict[str, Any] = {o.key: o.default for o in SOS_OPTIONS}
 
 

@@ -67,6 +67,29 @@ def test_shift_writes_a_loadable_checkpoint_and_keeps_map(tmp_path):
     assert norm(out) < norm(CKPT)
 
 
+def test_val_uses_the_checkpoints_own_settings(tmp_path):
+    """imgsz, batch and data from the checkpoint's train args (here 160 px, batch 4, a copy of the tree data YAML)."""
+    ckpt = torch_load(CKPT, map_location="cpu")
+    data = tmp_path / "trees.yaml"
+    data.write_text(
+        f"path: {REPO_ROOT / 'data' / 'deepforest'}\ntrain: images/train\nval: images/val\nnames:\n  0: Tree\n"
+    )
+    ckpt["train_args"].update(imgsz=160, batch=4, data=str(data))
+    torch.save(ckpt, tmp_path / "ck.pt")
+    work = tmp_path / "work"
+    work.mkdir()
+    res = cli("val", "--weights", tmp_path / "ck.pt", "--device", "cpu", cwd=work)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.splitlines()[0] == (
+        f"val: imgsz 160 (the checkpoint's), batch 4 (the checkpoint's), data {data} (the checkpoint's)"
+    )
+    metrics = YOLO(str(tmp_path / "ck.pt")).val(
+        data=str(data), imgsz=160, batch=4, device="cpu", plots=False, verbose=False, project=str(tmp_path / "v")
+    )
+    assert map50(res.stdout, f"{tmp_path / 'ck.pt'}:") == pytest.approx(float(metrics.box.map50), abs=1e-4)
+    assert snapshot(work) == {}
+
+
 def one_line_error(res, *needles):
     line = error_line(res)
     for needle in needles:

@@ -39,18 +39,21 @@ def image_files(source: str | list[str]) -> list[Path]:
 
 
 def check_images(images: list[Path], split: str) -> None:
-    """Every image must open (PIL reads its header); Ultralytics would skip it as 'corrupt' with a cryptic reason."""
+    """Every image must open (PIL reads its header) and be at least 10 px wide and high; Ultralytics would skip it
+    as 'corrupt' with a cryptic reason, and fail with a traceback when none is left."""
     from PIL import Image, UnidentifiedImageError
 
     bad: list[tuple[Path, str]] = []
     for f in images:
         try:
-            with Image.open(f):
-                pass
+            with Image.open(f) as im:
+                if min(im.size) < 10:  # Ultralytics' verify_image_label drops these
+                    bad.append((f, f"image size {im.size[0]}x{im.size[1]} is below Ultralytics' 10-pixel minimum"))
         except FileNotFoundError:
             bad.append((f, "listed but not on disk"))
-        except UnidentifiedImageError:
-            bad.append((f, "not a readable image (PIL cannot identify its format)"))
+        except (UnidentifiedImageError, ImportError) as err:  # ImportError: Ultralytics' HEIF opener tried pi_heif
+            heif = isinstance(err, ImportError) and f.suffix.lower() in (".heic", ".heif")
+            bad.append((f, f"HEIF image, needs {err.name}" if heif else "not a readable image (no known image format)"))
         except Exception as err:  # noqa: BLE001 - PIL raises several types for damaged files
             bad.append((f, f"not a readable image ({type(err).__name__}: {str(err).splitlines()[0]})"))
     if bad:
