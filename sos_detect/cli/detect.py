@@ -106,8 +106,13 @@ def _reuse_parser(
 
 
 def _val_parser(sub: argparse._SubParsersAction) -> None:
-    v = _reuse_parser(sub, "val", cmd_val, "evaluate a checkpoint: mAP50 and mAP50-95", "mAP50 and mAP50-95 "
-                      "(Ultralytics, 101-point) at the checkpoint's image size unless --imgsz is given.")  # fmt: skip
+    v = _reuse_parser(
+        sub,
+        "val",
+        cmd_val,
+        "evaluate a checkpoint: mAP50 and mAP50-95",
+        "mAP50 and mAP50-95 (Ultralytics, 101-point) at the checkpoint's image size unless --imgsz is given.",
+    )
     v.add_argument("--voc07", action="store_true", help="also VOC2007 11-point AP per class, difficult ignored")
     v.add_argument("--coco", action="store_true", help="also write COCO-format JSON and evaluate with pycocotools")
     v.add_argument("--out", default="runs/sos/val", help="folder for the --coco JSON files")
