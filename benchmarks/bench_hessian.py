@@ -79,13 +79,14 @@ def digits_workload():
 
 
 def detector_workload():
-    from sos_detect.detect.checkpoint import capture_set_for, load_detector_checkpoint, working_copy
+    from sos_detect.checkpoints import load_detector
+    from sos_detect.detect.checkpoint import capture_set_for, working_copy
     from sos_detect.detect.data import load_data
     from sos_detect.detect.embedded import REPO_ROOT
     from sos_detect.detect.flatness import detector_params
     from sos_detect.detect.shifting import detection_loss_tensor
 
-    ckpt = load_detector_checkpoint(REPO_ROOT / "data" / "checkpoints" / "yolov5n-trees.pt")
+    ckpt = load_detector(REPO_ROOT / "data" / "checkpoints" / "yolov5n-trees.pt")
     model = working_copy(ckpt.get("ema") or ckpt["model"], torch.device("cpu"), imgsz=320, batch=4)
     batches = capture_set_for(model, load_data(None)[1]).sample(4, seed=0)
     params = detector_params(model, "head")

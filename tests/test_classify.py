@@ -222,5 +222,5 @@ def test_imagenet_model_weights_from_a_local_file(tmp_path):
         assert torch.equal(a, b), k
     with pytest.raises(ValueError, match="class count"):
         build_model("shufflenet_v2_x1_0", num_classes=10, weights=tmp_path / "shufflenet.pt")
-    with pytest.raises(FileNotFoundError, match="missing.pt"):
+    with pytest.raises(ValueError, match="missing.pt: file not found"):
         build_model("resnet50_imagenet", num_classes=1000, weights=tmp_path / "missing.pt")

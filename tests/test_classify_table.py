@@ -53,7 +53,7 @@ def test_mini_harness_on_digits_with_paper_figures(tmp_path):
     # other settings in the same folder are refused instead of being mixed into the table
     other = reproduce(tmp_path / "t", "--epochs", 3, "--seeds", "0")
     assert other.returncode == 2 and "done.json" in other.stderr and "epochs 2 → 3" in other.stderr
-    assert other.stderr.startswith(f"sos-detect reproduce: error: {tmp_path}")  # the message itself, not its repr
+    assert other.stderr.startswith(f"sos-detect reproduce classify: error: {tmp_path}")  # the message, not its repr
     assert len(other.stderr.strip().splitlines()) == 1
 
 

@@ -133,8 +133,10 @@ def load_classification_data(
             10,
             1,
         )
-    if root is None or not Path(root).is_dir():
-        raise FileNotFoundError(f"{root}: dataset root not found (--root)")
+    if root is None:
+        raise FileNotFoundError(f"--data {name} needs --root, the dataset folder (nothing is downloaded)")
+    if not Path(root).is_dir():
+        raise FileNotFoundError(f"--root {root}: dataset folder not found")
     root = Path(root)
     import torchvision
 

@@ -67,7 +67,9 @@ class TrainConfig:
         for key in ("epochs", "batch_size", "sos_batch", "sos_samples", "sos_every", "nso_perturbations"):
             if getattr(self, key) < 1:
                 raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(self, key)}")
-        check_shift_options(self.sos_mode, self.sos_tau, self.sos_batch if self.sos_mode == "paper" else None)
+        check_shift_options(
+            self.sos_mode, self.sos_tau, self.sos_batch if self.sos_mode == "paper" else None, prefix="--sos-"
+        )
 
 
 def _loader(ds: Dataset, batch: int, shuffle: bool, seed: int, workers: int) -> DataLoader:
