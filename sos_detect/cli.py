@@ -169,54 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_options(h)
     _add_sos_options(h, schedule=False)
 
-    c = sub.add_parser("classify", help="classification companion: SGD/SAM/NSO with and without SOS")
-    csub = c.add_subparsers(dest="action", required=True)
-    ct = csub.add_parser("train", help="train a classifier (Algorithm 1 with --sos)")
-    cs = csub.add_parser("shift", help="post-hoc shift of a trained classifier: top-1/top-5 before and after")
-    for p in (ct, cs):
-        p.add_argument(
-            "--model",
-            default="resnet18",
-            help="resnet18, resnet50, vgg16_bn, densenet201 (CIFAR "
-            "stems), resnet50_imagenet, shufflenet_v2_x1_0, resnext50_32x4d, smallcnn, mlp",
-        )
-        p.add_argument("--data", default="cifar100", help="cifar10, cifar100, imagefolder, fashion-mnist, digits")
-        p.add_argument(
-            "--root",
-            default=None,
-            help="dataset root (CIFAR python layout; ImageFolder with train/ "
-            "and val/; Fashion-MNIST IDX folder, default /usr/share/datasets/fashion-mnist)",
-        )
-        p.add_argument("--weights", default=None, help="local weights file (state dict); never downloaded")
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-        p.add_argument("--sos-mode", default="paper", help="paper: τ = 0 on --sos-batch samples; guarded: budget τ")
-        p.add_argument("--sos-batch", type=int, default=300, help="b, samples per paper-mode shift (default 300)")
-        p.add_argument("--sos-tau", type=float, default=1e-4, help="guarded mode's output-change budget")
-        p.add_argument("--sos-samples", type=int, default=2048, help="guarded mode: samples captured per shift")
-        p.add_argument("--train-subset", type=int, default=None, help="use this many training samples")
-        p.add_argument("--test-subset", type=int, default=None, help="use this many test samples")
-    ct.add_argument("--optimizer", default="sgd", help="sgd (Nesterov 0.9), sam, nso")
-    ct.add_argument("--sos", action=argparse.BooleanOptionalAction, default=False, help="shift during training")
-    ct.add_argument("--sos-every", type=int, default=1, help="shift every N epochs (default 1)")
-    ct.add_argument("--epochs", type=int, default=200)
-    ct.add_argument("--batch", type=int, default=128)
-    ct.add_argument("--lr", type=float, default=0.1)
-    ct.add_argument("--weight-decay", type=float, default=5e-4)
-    ct.add_argument("--schedule", default="step", help="step (÷10 at 50 %% and 75 %%) or cosine")
-    ct.add_argument("--rho", type=float, default=0.05, help="SAM radius")
-    ct.add_argument("--adaptive", action="store_true", help="ASAM")
-    ct.add_argument("--sigma", type=float, default=0.01, help="NSO noise standard deviation")
-    ct.add_argument("--nso-perturbations", type=int, default=1, help="NSO: perturbation pairs ±U per step")
-    ct.add_argument("--mixup", type=float, default=0.0, help="Mixup Beta(α, α); 0 = off")
-    ct.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
-    ct.add_argument(
-        "--resume",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="continue an interrupted run in --out from its last.pt (default on; its settings must match)",
-    )
-    ct.add_argument("--out", default="runs/classify/train", help="output folder")
+    _add_classify_parser(sub)
 
     r = sub.add_parser("reproduce", help="reproduce the paper's tables")
     rsub = r.add_subparsers(dest="table", required=True)
@@ -248,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
         "classify",
         help="SGD/SAM/NSO with and without SOS over seeds (Table 3 style)",
         description="Trains every scheme × seed (finished runs are read back, interrupted ones resumed) and "
-        "writes classify.md and classify.csv with mean ± std and paired differences.",
+        "writes classify.md and classify.csv with mean ± std and paired differences, the paper's Table 3 (Table 4 "
+        "for an --sos-batch sweep) beside every row it has. Runs keep the layout OUT/runs/SCHEME_sSEED.",
     )
     rc.add_argument(
         "--preset",
@@ -263,13 +217,22 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--root", default=None, help="dataset root")
     rc.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
     rc.add_argument("--batch", type=int, default=None, help="override the preset's batch size")
+    rc.add_argument(
+        "--imgsz", type=int, default=None, help="override the image size (default: the data's, see classify)"
+    )
+    rc.add_argument(
+        "--sos-batch",
+        default=None,
+        help="comma-separated SOS batches b, e.g. 200,300,400: every +sos scheme runs at each (Table 4 beside)",
+    )
     rc.add_argument("--train-subset", type=int, default=None, help="use this many training samples")
     rc.add_argument("--test-subset", type=int, default=None, help="use this many test samples")
     rc.add_argument("--device", default=None, help="override the preset's device")
     rc.add_argument(
         "--paper-figures",
         default=None,
-        help="CSV with columns scheme,top1 (published test top-1 in %%) to set beside the measured table",
+        help="CSV with columns scheme,top1 (published test top-1 in %%) set beside the measured table instead of "
+        "the paper's Tables 3/4, which ship with sos-detect and appear wherever a row matches",
     )
     rc.add_argument("--out", default="runs/classify_table", help="output folder")
     return parser
@@ -500,64 +463,126 @@ def _print_flatness(label: str, f) -> None:
     )
 
 
+def _add_classify_parser(sub: argparse._SubParsersAction) -> None:
+    """`classify train` and `classify shift`. Options left out are None: TrainConfig's defaults (or, with --resume,
+    the run's own settings) apply."""
+    c = sub.add_parser("classify", help="classification companion: SGD/SAM/NSO with and without SOS")
+    csub = c.add_subparsers(dest="action", required=True)
+    ct = csub.add_parser(
+        "train",
+        help="train a classifier (Algorithm 1 with --sos)",
+        description="Runs go to PROJECT/NAME (runs/classify/train, then train-2, train-3, …); a finished run "
+        "(model.pt) is never overwritten. Every epoch shows a progress bar (loss, accuracy) and a test line. "
+        "An interrupted run keeps last.pt: --resume continues the latest unfinished run of --project/--name with "
+        "its own settings (bit-identical to an uninterrupted run); --resume RUN continues that folder.",
+    )
+    cs = csub.add_parser("shift", help="post-hoc shift of a trained classifier: top-1/top-5 before and after")
+    for p in (ct, cs):
+        p.add_argument(
+            "--model",
+            help="resnet18 (default), resnet50, vgg16_bn, densenet201 (CIFAR stems), resnet50_imagenet, "
+            "shufflenet_v2_x1_0, resnext50_32x4d, smallcnn, mlp",
+        )
+        p.add_argument("--data", help="cifar100 (default), cifar10, imagefolder, fashion-mnist, digits")
+        p.add_argument(
+            "--root",
+            help="dataset root (the folder holding cifar-10-batches-py/ or cifar-100-python/; ImageFolder with "
+            "train/ and val/; Fashion-MNIST IDX folder, default /usr/share/datasets/fashion-mnist)",
+        )
+        p.add_argument(
+            "--imgsz",
+            type=int,
+            help="image side; default 224 for the ImageNet models, else the images' own size (digits 8, "
+            "Fashion-MNIST 28, CIFAR 32, an ImageFolder's first image) up to 64. ImageFolder at ≤ 64: resize, "
+            "padded random crop + flip; above: RandomResizedCrop + flip, evaluation Resize(imgsz/0.875) + CenterCrop",
+        )
+        p.add_argument("--batch", type=int, help="batch size (default 64); evaluation and SOS capture use twice it")
+        p.add_argument("--weights", help="local weights file (state dict); never downloaded")
+        p.add_argument("--seed", type=int, help="random seed (default 0)")
+        p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+        p.add_argument("--sos-mode", help="paper (default): τ = 0 on --sos-batch samples; guarded: budget τ")
+        p.add_argument("--sos-batch", type=int, help="b, samples per paper-mode shift (default 300)")
+        p.add_argument("--sos-tau", type=float, help="guarded mode's output-change budget (default 1e-4)")
+        p.add_argument("--sos-samples", type=int, help="guarded mode: samples captured per shift (default 2048)")
+        p.add_argument("--train-subset", type=int, help="use this many training samples")
+        p.add_argument("--test-subset", type=int, help="use this many test samples")
+    ct.add_argument("--optimizer", help="sgd (default; Nesterov 0.9), sam, nso")
+    ct.add_argument("--sos", action=argparse.BooleanOptionalAction, help="shift during training (default off)")
+    ct.add_argument("--sos-every", type=int, help="shift every N epochs (default 1)")
+    ct.add_argument("--epochs", type=int, help="epochs (default 200)")
+    ct.add_argument("--lr", type=float, help="learning rate (default 0.1)")
+    ct.add_argument("--weight-decay", type=float, help="weight decay (default 5e-4)")
+    ct.add_argument("--schedule", help="step (default; ÷10 at 50 %% and 75 %%) or cosine")
+    ct.add_argument("--rho", type=float, help="SAM radius (default 0.05)")
+    ct.add_argument("--adaptive", action="store_true", default=None, help="ASAM")
+    ct.add_argument("--sigma", type=float, help="NSO noise standard deviation (default 0.01)")
+    ct.add_argument("--nso-perturbations", type=int, help="NSO: perturbation pairs ±U per step (default 1)")
+    ct.add_argument("--mixup", type=float, help="Mixup Beta(α, α); 0 = off (default)")
+    ct.add_argument("--amp", action="store_true", default=None, help="bf16 autocast on CUDA")
+    ct.add_argument("--workers", type=int, help="data loader worker processes (default 0)")
+    ct.add_argument("--project", help="output root (default runs/classify)")
+    ct.add_argument("--name", help="run name (default train; auto-incremented: train-2, train-3, …)")
+    ct.add_argument(
+        "--exist-ok",
+        action="store_true",
+        default=None,
+        help="write into PROJECT/NAME as it is instead of a new folder (starts over an unfinished run there; "
+        "a finished one is refused)",
+    )
+    ct.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="RUN",
+        help="continue the latest unfinished run of --project/--name (or the run folder / last.pt given) with its "
+        "saved settings; options given here must match them, except --device and --workers",
+    )
+
+
 def cmd_classify(a: argparse.Namespace) -> int:
     import torch
 
     from sos_detect.classify.data import load_classification_data
     from sos_detect.classify.models import build_model
-    from sos_detect.classify.train import TrainConfig, shift_classifier, train
+    from sos_detect.classify.train import TrainConfig, resume_config, shift_classifier, train, with_imgsz
+    from sos_detect.reproduce.paper import posthoc_lines
 
-    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    common = dict(
-        model=a.model,
-        data=a.data,
-        root=a.root,
-        weights=a.weights,
-        seed=a.seed,
-        device=device,
-        sos_mode=a.sos_mode,
-        sos_batch=a.sos_batch,
-        sos_tau=a.sos_tau,
-        sos_samples=a.sos_samples,
-        train_subset=a.train_subset,
-        test_subset=a.test_subset,
-    )
+    given = {
+        ("batch_size" if k == "batch" else k): v
+        for k, v in vars(a).items()
+        if k not in ("command", "action", "resume") and v is not None
+    }
+    if a.action == "train" and a.resume:
+        cfg = resume_config(
+            a.resume, given.get("project", TrainConfig.project), given.get("name", TrainConfig.name), given
+        )
+    else:
+        cfg = TrainConfig(**{"device": "cuda" if torch.cuda.is_available() else "cpu", **given})
     if a.action == "train":
-        cfg = TrainConfig(
-            **common,
-            optimizer=a.optimizer,
-            sos=a.sos,
-            sos_every=a.sos_every,
-            epochs=a.epochs,
-            batch_size=a.batch,
-            lr=a.lr,
-            weight_decay=a.weight_decay,
-            schedule=a.schedule,
-            rho=a.rho,
-            adaptive=a.adaptive,
-            sigma=a.sigma,
-            nso_perturbations=a.nso_perturbations,
-            mixup=a.mixup,
-            amp=a.amp,
-            resume=a.resume,
-            out=a.out,
-        )
-        final = train(cfg)["final"]
-        print(
-            f"epoch {final['epoch']}: test top-1 {final['test_top1']:.4f}  top-5 {final['test_top5']:.4f}  "
-            f"last-layer norm {final['last_norm']:.4f}  (log: {Path(a.out) / 'log.csv'})"
-        )
+        train(cfg)
         return 0
-    if a.weights is None:
+    if cfg.weights is None:
         raise ValueError("classify shift needs --weights")
-    cfg = TrainConfig(**common)
     cfg.check()
-    data = load_classification_data(a.data, a.root, train_subset=a.train_subset, test_subset=a.test_subset)
-    model = build_model(a.model, data.num_classes, data.in_ch, a.weights)
+    cfg = with_imgsz(cfg)
+    data = load_classification_data(
+        cfg.data,
+        cfg.root,
+        imgsz=cfg.imgsz,
+        model=cfg.model,
+        train_subset=cfg.train_subset,
+        test_subset=cfg.test_subset,
+    )
+    model = build_model(cfg.model, data.num_classes, data.in_ch, cfg.weights)
     res = shift_classifier(model, data, cfg)
     print(res["report"].format())
     for key in ("before", "after"):
         print(f"{key}: top-1 {res[key]['top1']:.4f}  top-5 {res[key]['top5']:.4f}  loss {res[key]['loss']:.4f}")
+    delta = 100 * (res["after"]["top1"] - res["before"]["top1"])
+    print(f"ours: top-1 {100 * res['before']['top1']:.2f} → {100 * res['after']['top1']:.2f} % ({delta:+.2f})")
+    for line in posthoc_lines(cfg.model, cfg.data, data.num_classes):
+        print(line)
     return 0
 
 
@@ -587,6 +612,7 @@ def cmd_reproduce(a: argparse.Namespace) -> int:
             "root": a.root,
             "epochs": a.epochs,
             "batch_size": a.batch,
+            "imgsz": a.imgsz,
             "train_subset": a.train_subset,
             "test_subset": a.test_subset,
             "device": a.device,
@@ -603,6 +629,7 @@ def cmd_reproduce(a: argparse.Namespace) -> int:
             schemes=schemes,
             overrides=overrides,
             paper_figures=a.paper_figures,
+            sos_batches=[int(b) for b in a.sos_batch.split(",")] if a.sos_batch else None,
         )
         print(md.read_text())
         print(f"written: {md}, {csv_path}")
