@@ -35,16 +35,19 @@ def _rss_bytes(pid: int) -> int:
 
 
 def watch(cmd: list[str], limit_bytes: int, cwd: str | Path | None = None, poll_s: float = 0.05) -> dict:
-    """Run cmd, kill it (SIGKILL) once its RSS passes limit_bytes; peak RSS from the kernel, wall seconds, output."""
+    """Run cmd, kill it (SIGKILL) once its RSS passes limit_bytes; peak RSS from the kernel, wall seconds, output,
+    and the polled RSS once a second (seconds, bytes)."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=err)
-        polled, killed, done = [0], [False], threading.Event()
+        polled, killed, done, trace = [0], [False], threading.Event(), []
 
         def poll() -> None:
             while not done.is_set():
                 rss = _rss_bytes(proc.pid)
                 polled[0] = max(polled[0], rss)
+                if not trace or time.perf_counter() - start >= trace[-1][0] + 1:
+                    trace.append((time.perf_counter() - start, rss))
                 if rss > limit_bytes:
                     killed[0] = True
                     os.kill(proc.pid, signal.SIGKILL)
@@ -64,6 +67,7 @@ def watch(cmd: list[str], limit_bytes: int, cwd: str | Path | None = None, poll_
             "killed_at_limit": killed[0],
             "peak_rss_bytes": max(usage.ru_maxrss * 1024, polled[0]),
             "seconds": seconds,
+            "rss_trace": trace,
             "stdout": out.read().decode(errors="replace"),
             "stderr": err.read().decode(errors="replace"),
         }
@@ -103,13 +107,27 @@ def main() -> None:
                     "killed_at_limit": res["killed_at_limit"],
                     "peak_rss_gb": res["peak_rss_bytes"] / 2**30,
                     "seconds": res["seconds"],
+                    # growth check: the largest RSS in each third of the run
+                    "peak_rss_gb_by_third": [
+                        max(
+                            (
+                                r
+                                for t, r in res["rss_trace"]
+                                if k * res["seconds"] / 3 <= t < (k + 1) * res["seconds"] / 3
+                            ),
+                            default=0,
+                        )
+                        / 2**30
+                        for k in range(3)
+                    ],
                     "final_line": last[0].strip() if last else res["stderr"].strip()[-300:],
                 }
             )
-    print(f"{'run':<7} {'rc':>4} {'killed':>6} {'peak RSS (GB)':>13} {'seconds':>8}  final line")
+    print(f"{'run':<7} {'rc':>4} {'killed':>6} {'peak RSS (GB)':>13} {'by third (GB)':>16} {'seconds':>8}  final line")
     for r in rows:
+        thirds = "/".join(f"{g:.2f}" for g in r["peak_rss_gb_by_third"])
         print(
-            f"{r['label']:<7} {r['returncode']:>4} {r['killed_at_limit']!s:>6} {r['peak_rss_gb']:>13.2f} "
+            f"{r['label']:<7} {r['returncode']:>4} {r['killed_at_limit']!s:>6} {r['peak_rss_gb']:>13.2f} {thirds:>16} "
             f"{r['seconds']:>8.1f}  {r['final_line']}"
         )
     result = {"images": a.images, "epochs": a.epochs, "limit_gb": a.limit_gb, "runs": rows}

@@ -543,9 +543,8 @@ def _add_classify_parser(sub: argparse._SubParsersAction) -> None:
 def cmd_classify(a: argparse.Namespace) -> int:
     import torch
 
-    from sos_detect.classify.data import load_classification_data
     from sos_detect.classify.models import build_model
-    from sos_detect.classify.train import TrainConfig, resume_config, shift_classifier, train, with_imgsz
+    from sos_detect.classify.train import TrainConfig, config_data, resume_config, shift_classifier, train
     from sos_detect.reproduce.paper import posthoc_lines
 
     given = {
@@ -565,15 +564,7 @@ def cmd_classify(a: argparse.Namespace) -> int:
     if cfg.weights is None:
         raise ValueError("classify shift needs --weights")
     cfg.check()
-    cfg = with_imgsz(cfg)
-    data = load_classification_data(
-        cfg.data,
-        cfg.root,
-        imgsz=cfg.imgsz,
-        model=cfg.model,
-        train_subset=cfg.train_subset,
-        test_subset=cfg.test_subset,
-    )
+    data = config_data(cfg)
     model = build_model(cfg.model, data.num_classes, data.in_ch, cfg.weights)
     res = shift_classifier(model, data, cfg)
     print(res["report"].format())

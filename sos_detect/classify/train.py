@@ -18,8 +18,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from sos_detect.classify.data import ClassificationData, default_imgsz, load_classification_data
-from sos_detect.classify.models import build_model, final_linear
+from sos_detect.classify.data import SMALL_MAX, ClassificationData, default_imgsz, load_classification_data
+from sos_detect.classify.models import CIFAR_MODELS, build_model, final_linear
 from sos_detect.classify.optim import NSO, SAM
 from sos_detect.files import save_atomic
 from sos_detect.layers import ShiftReport, check_shift_options, shift_model
@@ -232,6 +232,19 @@ def with_imgsz(cfg: TrainConfig) -> TrainConfig:
     return cfg if cfg.imgsz else replace(cfg, imgsz=default_imgsz(cfg.model, cfg.data, cfg.root))
 
 
+def config_data(cfg: TrainConfig) -> ClassificationData:
+    """The datasets cfg names, at its image size (its default when unset)."""
+    return load_classification_data(
+        cfg.data,
+        cfg.root,
+        imgsz=cfg.imgsz,
+        model=cfg.model,
+        train_subset=cfg.train_subset,
+        test_subset=cfg.test_subset,
+        seed=cfg.seed,
+    )
+
+
 def unfinished_runs(project: str | Path, name: str) -> list[Path]:
     """Run folders project/name, project/name-2, … holding a last.pt, the most recently written first."""
     base = Path(project) / name
@@ -308,17 +321,14 @@ def train(cfg: TrainConfig, data: ClassificationData | None = None) -> dict[str,
         for other in unfinished_runs(cfg.project, cfg.name)[:1]:
             if other != folder:
                 LOGGER.info(f"{other} holds an unfinished run; --resume continues it")
+    if cfg.model in CIFAR_MODELS and cfg.imgsz > SMALL_MAX:
+        LOGGER.warning(
+            f"--model {cfg.model} has a CIFAR stem (no early downsampling): at imgsz {cfg.imgsz} its activations are "
+            f"{(cfg.imgsz / 32) ** 2:.0f}× those at 32 px; the ImageNet models suit large images"
+        )
     torch.manual_seed(cfg.seed)
     device = torch.device(cfg.device)
-    data = data or load_classification_data(
-        cfg.data,
-        cfg.root,
-        imgsz=cfg.imgsz,
-        model=cfg.model,
-        train_subset=cfg.train_subset,
-        test_subset=cfg.test_subset,
-        seed=cfg.seed,
-    )
+    data = data or config_data(cfg)
     model = build_model(cfg.model, data.num_classes, data.in_ch, cfg.weights).to(device)
     _check_fit(model, data, cfg)
     opt = _optimizer(model, cfg)
