@@ -222,9 +222,10 @@ def _check_fit(model: nn.Module, data: ClassificationData, cfg: TrainConfig) -> 
 
 
 def changed_settings(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
-    """'key saved → now' for every setting of a saved run that differs from cfg (RESUME_FREE aside)."""
+    """'key saved → now' for every setting of a saved run that differs from cfg (RESUME_FREE aside, and settings
+    the run predates, such as imgsz in runs made when every dataset had its one size)."""
     now = asdict(cfg)
-    return [f"{k} {saved.get(k)!r} → {now[k]!r}" for k in now if k not in RESUME_FREE and saved.get(k) != now[k]]
+    return [f"{k} {saved[k]!r} → {now[k]!r}" for k in now if k not in RESUME_FREE and k in saved and saved[k] != now[k]]
 
 
 def with_imgsz(cfg: TrainConfig) -> TrainConfig:
