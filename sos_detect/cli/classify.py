@@ -1,10 +1,11 @@
-"""Classification commands: classify train, classify shift (SGD / SAM / NSO with and without SOS)."""
+"""Classification commands: classify train, classify shift (SGD / SAM / NSO with and without SOS).
+
+Options left out are None here: TrainConfig's defaults (or, with --resume, the run's own settings) apply.
+"""
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-from typing import Any
 
 from sos_detect.cli.options import command, resolve_device, torch_device
 
@@ -12,7 +13,16 @@ from sos_detect.cli.options import command, resolve_device, torch_device
 def register(sub: argparse._SubParsersAction) -> None:
     c = sub.add_parser("classify", help="classification companion: SGD/SAM/NSO with and without SOS")
     csub = c.add_subparsers(dest="action", required=True, metavar="ACTION")
-    ct = command(csub, "train", cmd_classify_train, help="train a classifier (Algorithm 1 with --sos)")
+    ct = command(
+        csub,
+        "train",
+        cmd_classify_train,
+        help="train a classifier (Algorithm 1 with --sos)",
+        description="Runs go to PROJECT/NAME (runs/classify/train, then train-2, train-3, …); a finished run "
+        "(model.pt) is never overwritten. Every epoch shows a progress bar (loss, accuracy) and a test line. "
+        "An interrupted run keeps last.pt: --resume continues the latest unfinished run of --project/--name with "
+        "its own settings (bit-identical to an uninterrupted run); --resume RUN continues that folder.",
+    )
     cs = command(
         csub, "shift", cmd_classify_shift, help="post-hoc shift of a trained classifier: top-1/top-5 before and after"
     )
@@ -24,94 +34,114 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _common_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
-        default="resnet18",
-        help="resnet18, resnet50, vgg16_bn, densenet201 (CIFAR "
-        "stems), resnet50_imagenet, shufflenet_v2_x1_0, resnext50_32x4d, smallcnn, mlp",
+        help="resnet18 (default), resnet50, vgg16_bn, densenet201 (CIFAR stems), resnet50_imagenet, "
+        "shufflenet_v2_x1_0, resnext50_32x4d, smallcnn, mlp",
     )
-    p.add_argument("--data", default="cifar100", help="cifar10, cifar100, imagefolder, fashion-mnist, digits")
+    p.add_argument("--data", help="cifar100 (default), cifar10, imagefolder, fashion-mnist, digits")
     p.add_argument(
         "--root",
-        default=None,
-        help="dataset root (CIFAR python layout; ImageFolder with train/ "
-        "and val/; Fashion-MNIST IDX folder, default /usr/share/datasets/fashion-mnist)",
+        help="dataset root (the folder holding cifar-10-batches-py/ or cifar-100-python/; ImageFolder with "
+        "train/ and val/; Fashion-MNIST IDX folder, default /usr/share/datasets/fashion-mnist)",
     )
-    p.add_argument("--weights", default=None, help="local weights file (state dict); never downloaded")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--sos-mode", default="paper", help="paper: τ = 0 on --sos-batch samples; guarded: budget τ")
-    p.add_argument("--sos-batch", type=int, default=300, help="b, samples per paper-mode shift (default 300)")
-    p.add_argument("--sos-tau", type=float, default=1e-4, help="guarded mode's output-change budget")
-    p.add_argument("--sos-samples", type=int, default=2048, help="guarded mode: samples captured per shift")
-    p.add_argument("--train-subset", type=int, default=None, help="use this many training samples")
-    p.add_argument("--test-subset", type=int, default=None, help="use this many test samples")
+    p.add_argument(
+        "--imgsz",
+        type=int,
+        help="image side; default 224 for the ImageNet models, else the images' own size (digits 8, "
+        "Fashion-MNIST 28, CIFAR 32, an ImageFolder's first image) up to 64. ImageFolder at ≤ 64: resize, "
+        "padded random crop + flip; above: RandomResizedCrop + flip, evaluation Resize(imgsz/0.875) + CenterCrop",
+    )
+    p.add_argument("--batch", type=int, help="batch size (default 64); evaluation and SOS capture use twice it")
+    p.add_argument("--weights", help="local weights file (state dict); never downloaded")
+    p.add_argument("--seed", type=int, help="random seed (default 0)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--sos-mode", help="paper (default): τ = 0 on --sos-batch samples; guarded: budget τ")
+    p.add_argument("--sos-batch", type=int, help="b, samples per paper-mode shift (default 300)")
+    p.add_argument("--sos-tau", type=float, help="guarded mode's output-change budget (default 1e-4)")
+    p.add_argument("--sos-samples", type=int, help="guarded mode: samples captured per shift (default 2048)")
+    p.add_argument("--train-subset", type=int, help="use this many training samples")
+    p.add_argument("--test-subset", type=int, help="use this many test samples")
 
 
 def _train_flags(ct: argparse.ArgumentParser) -> None:
-    ct.add_argument("--optimizer", default="sgd", help="sgd (Nesterov 0.9), sam, nso")
+    ct.add_argument("--optimizer", help="sgd (default; Nesterov 0.9), sam, nso")
     ct.add_argument(
         "--sos",
         action=argparse.BooleanOptionalAction,
-        default=False,
         help="shift during training; off by default here (Algorithm 1 is opt-in), on by default in sos-detect train",
     )
-    ct.add_argument("--sos-every", type=int, default=1, help="shift every N epochs (default 1)")
-    ct.add_argument("--epochs", type=int, default=200)
-    ct.add_argument("--batch", type=int, default=128)
-    ct.add_argument("--lr", type=float, default=0.1)
-    ct.add_argument("--weight-decay", type=float, default=5e-4)
-    ct.add_argument("--schedule", default="step", help="step (÷10 at 50 %% and 75 %%) or cosine")
-    ct.add_argument("--rho", type=float, default=0.05, help="SAM radius")
-    ct.add_argument("--adaptive", action="store_true", help="ASAM")
-    ct.add_argument("--sigma", type=float, default=0.01, help="NSO noise standard deviation")
-    ct.add_argument("--nso-perturbations", type=int, default=1, help="NSO: perturbation pairs ±U per step")
-    ct.add_argument("--mixup", type=float, default=0.0, help="Mixup Beta(α, α); 0 = off")
-    ct.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
+    ct.add_argument("--sos-every", type=int, help="shift every N epochs (default 1)")
+    ct.add_argument("--epochs", type=int, help="epochs (default 200)")
+    ct.add_argument("--lr", type=float, help="learning rate (default 0.1)")
+    ct.add_argument("--weight-decay", type=float, help="weight decay (default 5e-4)")
+    ct.add_argument("--schedule", help="step (default; ÷10 at 50 %% and 75 %%) or cosine")
+    ct.add_argument("--rho", type=float, help="SAM radius (default 0.05)")
+    ct.add_argument("--adaptive", action="store_true", default=None, help="ASAM")
+    ct.add_argument("--sigma", type=float, help="NSO noise standard deviation (default 0.01)")
+    ct.add_argument("--nso-perturbations", type=int, help="NSO: perturbation pairs ±U per step (default 1)")
+    ct.add_argument("--mixup", type=float, help="Mixup Beta(α, α); 0 = off (default)")
+    ct.add_argument("--amp", action="store_true", default=None, help="bf16 autocast on CUDA")
+    ct.add_argument("--workers", type=int, help="data loader worker processes (default 0)")
+    ct.add_argument("--project", help="output root (default runs/classify)")
+    ct.add_argument("--name", help="run name (default train; auto-incremented: train-2, train-3, …)")
+    ct.add_argument(
+        "--exist-ok",
+        action="store_true",
+        default=None,
+        help="write into PROJECT/NAME as it is instead of a new folder (starts over an unfinished run there; "
+        "a finished one is refused)",
+    )
     ct.add_argument(
         "--resume",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="continue an interrupted run in --out from its last.pt (default on; its settings must match)",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="RUN",
+        help="continue the latest unfinished run of --project/--name (or the run folder / last.pt given) with its "
+        "saved settings; options given here must match them, except --device and --workers",
     )
-    ct.add_argument("--out", default="runs/classify/train", help="output folder")
 
 
-def _common(a: argparse.Namespace) -> dict[str, Any]:
-    keys = ("model", "data", "root", "weights", "seed", "sos_mode", "sos_batch", "sos_tau", "sos_samples")
-    return dict(
-        **{k: getattr(a, k) for k in keys},
-        device=torch_device(resolve_device(a)),
-        train_subset=a.train_subset,
-        test_subset=a.test_subset,
-    )
+def _config(a: argparse.Namespace):
+    """The TrainConfig the options describe: given options over TrainConfig's defaults, or over the resumed run's."""
+    from sos_detect.classify.train import TrainConfig, resume_config
+
+    given = {
+        ("batch_size" if k == "batch" else k): v
+        for k, v in vars(a).items()
+        if not k.startswith("cli_") and k not in ("command", "action", "resume") and v is not None
+    }
+    given["device"] = torch_device(resolve_device(a))
+    if getattr(a, "resume", None):
+        return resume_config(
+            a.resume, given.get("project", TrainConfig.project), given.get("name", TrainConfig.name), given
+        )
+    return TrainConfig(**given)
 
 
 def cmd_classify_train(a: argparse.Namespace) -> int:
-    from sos_detect.classify.train import TrainConfig, train
+    from sos_detect.classify.train import train
 
-    keys = ("optimizer", "sos", "sos_every", "epochs", "lr", "weight_decay", "schedule", "rho", "adaptive", "sigma")
-    keys += ("nso_perturbations", "mixup", "amp", "resume", "out")
-    cfg = TrainConfig(**_common(a), **{k: getattr(a, k) for k in keys}, batch_size=a.batch)
-    final = train(cfg)["final"]
-    print(
-        f"epoch {final['epoch']}: test top-1 {final['test_top1']:.4f}  top-5 {final['test_top5']:.4f}  "
-        f"last-layer norm {final['last_norm']:.4f}  (log: {Path(a.out) / 'log.csv'})"
-    )
+    train(_config(a))
     return 0
 
 
 def cmd_classify_shift(a: argparse.Namespace) -> int:
-    from sos_detect.classify.data import load_classification_data
     from sos_detect.classify.models import build_model
-    from sos_detect.classify.train import TrainConfig, shift_classifier
+    from sos_detect.classify.train import config_data, shift_classifier
+    from sos_detect.reproduce.paper import posthoc_lines
 
-    if a.weights is None:
+    cfg = _config(a)
+    if cfg.weights is None:
         raise ValueError("classify shift needs --weights")
-    cfg = TrainConfig(**_common(a))
     cfg.check()
-    data = load_classification_data(a.data, a.root, train_subset=a.train_subset, test_subset=a.test_subset)
-    model = build_model(a.model, data.num_classes, data.in_ch, a.weights)
+    data = config_data(cfg)
+    model = build_model(cfg.model, data.num_classes, data.in_ch, cfg.weights)
     res = shift_classifier(model, data, cfg)
     print(res["report"].format())
     for key in ("before", "after"):
         print(f"{key}: top-1 {res[key]['top1']:.4f}  top-5 {res[key]['top5']:.4f}  loss {res[key]['loss']:.4f}")
+    delta = 100 * (res["after"]["top1"] - res["before"]["top1"])
+    print(f"ours: top-1 {100 * res['before']['top1']:.2f} → {100 * res['after']['top1']:.2f} % ({delta:+.2f})")
+    for line in posthoc_lines(cfg.model, cfg.data, data.num_classes):
+        print(line)
     return 0
