@@ -142,6 +142,18 @@ def build_parser() -> argparse.ArgumentParser:
     vo.add_argument("--root", required=True, help="the VOCdevkit folder holding VOC2007/ and/or VOC2012/")
     vo.add_argument("--out", default="datasets/voc", help="output folder (default datasets/voc)")
     vo.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    fd = dsub.add_parser(
+        "fashion-det",
+        help="build the fashion-det benchmark: Fashion-MNIST items on real photographs, exact boxes, bit for bit",
+        description="Composes detection images from Fashion-MNIST items (10 classes) pasted on crops of real "
+        "photographs that ship with the repository and scikit-learn; the same options give the same bytes.",
+    )
+    fd.add_argument("--train", type=int, default=3000, help="training images (default 3000)")
+    fd.add_argument("--val", type=int, default=1000, help="validation images (default 1000)")
+    fd.add_argument("--imgsz", default="192,256", help="image sides drawn from MIN,MAX px (default 192,256)")
+    fd.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    fd.add_argument("--root", default=None, help="Fashion-MNIST IDX folder (default /usr/share/datasets/fashion-mnist)")
+    fd.add_argument("--out", default="datasets/fashion-det", help="output folder (default datasets/fashion-det)")
     h = sub.add_parser(
         "hessian",
         help="Hessian trace and top eigenvalues of a detector's loss (flatness)",
@@ -243,7 +255,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t5.add_argument("--device", default=None, help="override the preset's device")
     t5.add_argument("--batch", type=int, default=None, help="override the preset's batch size")
+    t5.add_argument("--arms", default=None, help="comma-separated subset of base,guarded-1e-4,paper-b32 (default all)")
     t5.add_argument("--out", default="runs/table5", help="output folder (default runs/table5)")
+    ab = rsub.add_parser(
+        "ab",
+        help="A/B harness: named arms of training options x seeds on any data YAML, paired by seed, resumable",
+        description="Trains every arm for every seed (the first arm is the baseline) and writes ab.md / ab.csv "
+        "(mean ± std per arm; paired differences with a 95%% t-interval and an exact sign test), the per-epoch "
+        "curves and the effect plot. Finished runs are reused only with the same settings; interrupted ones resume.",
+    )
+    ab.add_argument("--preset", default=None, help="synth-scratch or synth-finetune (the fashion-det study)")
+    ab.add_argument("--data", default=None, help="data YAML (overrides the preset's)")
+    ab.add_argument("--models", default=None, help="comma-separated models, e.g. yolov5n,yolov8n (default yolov5n)")
+    ab.add_argument("--weights", default=None, help="fine-tune every arm from this checkpoint")
+    ab.add_argument(
+        "--arm",
+        action="append",
+        default=[],
+        metavar="NAME:KEY=VALUE,...",
+        help="an arm, e.g. base:sos=False or guarded-1e-3:sos_tau=1e-3 (repeat; added after the preset's)",
+    )
+    ab.add_argument("--arms", default=None, help="comma-separated subset of the preset's arms, baseline first")
+    ab.add_argument("--seeds", default=None, help="comma-separated seeds (default: the preset's, else 0,1,2,3,4)")
+    ab.add_argument("--epochs", type=int, default=None, help="override the epochs")
+    ab.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="common training option")
+    ab.add_argument("--out", default=None, help="output folder (default runs/ab/PRESET or runs/ab/custom)")
     rc = rsub.add_parser(
         "classify",
         help="SGD/SAM/NSO with and without SOS over seeds (Table 3 style)",
@@ -272,6 +308,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="CSV with columns scheme,top1 (published test top-1 in %%) to set beside the measured table",
     )
     rc.add_argument("--out", default="runs/classify_table", help="output folder")
+
+    cp = sub.add_parser(
+        "compare",
+        help="overlay per-epoch mAP50, mAP50-95, head norm and Hessian traces of runs, shift epochs marked",
+    )
+    cp.add_argument("runs", nargs="+", metavar="RUN", help="Ultralytics run folders (with results.csv)")
+    cp.add_argument("--labels", default=None, help="comma-separated legend labels (default: the folder names)")
+    cp.add_argument("--out", default="compare.png", help="PNG to write (default compare.png)")
     return parser
 
 
@@ -565,6 +609,13 @@ def cmd_data(a: argparse.Namespace) -> int:
     from sos_detect.detect.embedded import build_embedded
     from sos_detect.detect.voc import convert_voc
 
+    if a.dataset == "fashion-det":
+        from sos_detect.detect.synthetic import YAML_NAME, build_fashion_det, dataset_digest, spec_from_args
+
+        counts = build_fashion_det(a.out, spec_from_args(a.train, a.val, a.imgsz, a.seed), a.root)
+        print(", ".join(f"{k} {v}" for k, v in counts.items()))
+        print(f"data YAML: {Path(a.out).resolve() / YAML_NAME}\nsha256 {dataset_digest(a.out)}")
+        return 0
     if a.dataset == "voc":
         summary = convert_voc(a.root, a.out, a.workers)
         print(summary.format())
@@ -608,6 +659,24 @@ def cmd_reproduce(a: argparse.Namespace) -> int:
         print(f"written: {md}, {csv_path}")
         return 0
 
+    if a.table == "ab":
+        from sos_detect.reproduce.ab import ab_config, parse_options, run_ab
+
+        cfg = ab_config(
+            a.preset,
+            data=a.data,
+            models=a.models.split(",") if a.models else None,
+            weights=a.weights,
+            arm_specs=a.arm,
+            arms=a.arms.split(",") if a.arms else None,
+            seeds=[int(s) for s in a.seeds.split(",")] if a.seeds else None,
+            options={**parse_options(a.opt), **({"epochs": a.epochs} if a.epochs else {})},
+        )
+        paths = run_ab(cfg, Path(a.out or f"runs/ab/{a.preset or 'custom'}"))
+        print(paths[0].read_text())
+        print("written: " + ", ".join(map(str, paths)))
+        return 0
+
     preset = PRESETS[a.preset]
     models = a.models.split(",") if a.models else list(preset.models)
     overrides: dict[str, Any] = {
@@ -627,13 +696,29 @@ def cmd_reproduce(a: argparse.Namespace) -> int:
             found[m] = str(hit)
         overrides["weights"] = found
     seeds = [int(s) for s in a.seeds.split(",")]
-    paths = reproduce_table5(a.preset, Path(a.out), models=models, seeds=seeds, overrides=overrides)
+    arms = a.arms.split(",") if a.arms else None
+    paths = reproduce_table5(a.preset, Path(a.out), models=models, seeds=seeds, arms=arms, overrides=overrides)
     print(Path(paths[0]).read_text())
     print("written: " + ", ".join(map(str, paths)))
     return 0
 
 
+def cmd_compare(a: argparse.Namespace) -> int:
+    from sos_detect.detect.compare import compare_runs, run_labels
+
+    labels = a.labels.split(",") if a.labels else run_labels(a.runs)
+    if len(labels) != len(a.runs):
+        raise ValueError(f"--labels: {len(labels)} labels for {len(a.runs)} runs")
+    data = compare_runs({label: [run] for label, run in zip(labels, a.runs, strict=True)}, a.out)
+    for column, curves in data.items():
+        finals = ", ".join(f"{label} {c.values[-1]:.4g}" for label, c in curves.items())
+        print(f"{column} (last epoch): {finals}")
+    print(f"written: {a.out}")
+    return 0
+
+
 COMMANDS = {
+    "compare": cmd_compare,
     "classify": cmd_classify,
     "hessian": cmd_hessian,
     "train": cmd_train,
