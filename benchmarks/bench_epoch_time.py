@@ -1,11 +1,13 @@
 """Seconds per training epoch and per validation pass of YOLOv5n on fashion-det, for planning the A/B study.
 
 Usage: python benchmarks/bench_epoch_time.py [DATA_YAML] [--images 300] [--val-images 200] [--imgsz 160,224]
-    [--repeats 2]
+    [--repeats 2] [--threads N]
 Trains two epochs from scratch on the first --images training images (baseline and guarded SOS, interleaved,
 mosaic on), validating on the first --val-images validation images; times the second epoch (the first includes
 warm-up), per image size. Prints seconds per 100 training images and per 100 validation images, and the SOS /
 baseline ratio of the training epoch, with the machine's load average; writes results/bench_epoch_time.json.
+On a shared machine, CPU seconds with --threads 1 (e.g. under `taskset -c 0`) are the stable measure: with more
+threads than free cores, OpenMP's spin-waiting inflates both clocks.
 """
 
 from __future__ import annotations
@@ -80,8 +82,9 @@ def main() -> None:
     p.add_argument("--val-images", type=int, default=200)
     p.add_argument("--imgsz", default="160,224")
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all available cores)")
     a = p.parse_args()
-    threads = configure(2)
+    threads = configure(a.threads)
     from sos_detect.reproduce.ab import subset_yaml
 
     results = []

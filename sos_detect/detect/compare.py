@@ -74,32 +74,38 @@ def compare_runs(
     data = {c: {label: curve for label, runs in groups.items() if (curve := group_curve(runs, c))} for c in columns}
     data = {c: curves for c, curves in data.items() if curves}
     plt = pyplot()
-    fig, axes = plt.subplots(1, len(data), figsize=(4.3 * len(data), 3.8), squeeze=False)
+    ncols = min(3, len(data))
+    nrows = math.ceil(len(data) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.4 * ncols, 3.3 * nrows + 0.6), squeeze=False)
+    for ax in axes.flat[len(data) :]:
+        ax.set_visible(False)
     colours = iter(f"C{i}" for i in range(10) for _ in range(100))
     style = {}
     for label, runs in groups.items():
         baseline = not any(shift_epochs(r) for r in runs)
         style[label] = ("black", "--") if baseline else (next(colours), "-")
-    for ax, (column, curves) in zip(axes[0], data.items(), strict=True):
+    for ax, (column, curves) in zip(axes.flat, data.items(), strict=False):
         for label, c in curves.items():
             colour, line = style[label]
             name = label if c.runs == 1 else f"{label} (mean of {c.runs})"
             if c.runs == 1 and column not in PANELS:
-                ax.errorbar(c.epochs, c.values, yerr=c.error, color=colour, ls=line, capsize=3, label=name)
+                ax.errorbar(
+                    c.epochs, c.values, yerr=c.error, color=colour, ls=line, marker="o", ms=3, capsize=3, label=name
+                )
             else:
-                ax.plot(c.epochs, c.values, color=colour, ls=line, label=name)
+                ax.plot(c.epochs, c.values, color=colour, ls=line, marker="o", ms=3, label=name)
                 if c.runs > 1:
                     lo = [v - e for v, e in zip(c.values, c.error, strict=True)]
                     hi = [v + e for v, e in zip(c.values, c.error, strict=True)]
                     ax.fill_between(c.epochs, lo, hi, color=colour, alpha=0.15, lw=0)
             marks = [(e, v) for e, v in zip(c.epochs, c.values, strict=True) if e in set(c.shifts)]
             if marks:
-                ax.plot(*zip(*marks, strict=True), "v", color=colour, ms=5, ls="none")
+                ax.plot(*zip(*marks, strict=True), "v", color=colour, ms=7, ls="none")
         head, ylabel = PANELS.get(column, (f"Hessian trace, {trace_label(column)}", "tr(H)"))
         ax.set(title=head, xlabel="epoch", ylabel=ylabel)
     handles, labels = axes[0][0].get_legend_handles_labels()
     (marker,) = axes[0][0].plot([], [], "v", color="0.3", ls="none")
-    notes = ["▼ validated after a shift"]
+    notes = ["validated after a shift"]
     if any(len(runs) > 1 for runs in groups.values()):
         notes.append("bands: ± 1 std over runs")
     if any(c not in PANELS for c in data):
@@ -109,7 +115,7 @@ def compare_runs(
     )
     if title:
         fig.suptitle(title)
-    save_figure(fig, Path(path), plt, rect=(0, 0.1 + 0.04 * (len(labels) // 4), 1, 1))
+    save_figure(fig, Path(path), plt, rect=(0, (0.5 + 0.25 * (len(labels) // 4)) / (3.3 * nrows + 0.6), 1, 1))
     return data
 
 

@@ -132,7 +132,7 @@ def save_figure(fig, path: Path, plt, rect: tuple[float, float, float, float] | 
 
     for ax in fig.axes:
         if ax.get_xlabel() == "epoch":
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     fig.tight_layout(rect=rect)
     fig.savefig(path, dpi=120)
     plt.close(fig)
