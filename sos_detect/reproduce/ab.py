@@ -301,7 +301,7 @@ def run_ab(cfg: ABConfig, out: str | Path, name: str = "ab") -> list[Path]:
         "val_images": cfg.val_images,
     }
     (out / f"{name}.md").write_text(
-        f"# A/B comparison: {name}\n\n" + (f"{cfg.description}\n\n" if cfg.description else "") + f"{table}\n\n"
+        f"# A/B comparison: {out.name}\n\n" + (f"{cfg.description}\n\n" if cfg.description else "") + f"{table}\n\n"
         "Final-epoch validation (results.csv) of each run; mean ± sample std over seeds; paired differences "
         "arm − baseline per seed with a two-sided 95 % Student-t interval and an exact two-sided sign test.\n\n"
         f"Settings: `{json.dumps(settings)}`\n"
@@ -502,6 +502,7 @@ STUDY_ARMS = {
 STUDY_TRAIN = dict(
     imgsz=160,
     batch=16,
+    nbs=16,  # an optimizer step every batch: a few hundred images make few nominal-64 batches
     optimizer="SGD",
     lr0=0.01,
     momentum=0.937,
@@ -518,10 +519,10 @@ PRESETS = {
         data=FASHION_DET,
         train={**STUDY_TRAIN, "epochs": 8, "warmup_epochs": 1},
         arms=STUDY_ARMS,
-        train_images=(0, 800),
-        val_images=500,
-        description="fashion-det, YOLOv5n from scratch on 800 training images, 160 px, 8 epochs, validated on the "
-        "first 500 validation images after every epoch.",
+        train_images=(0, 700),
+        val_images=400,
+        description="fashion-det, YOLOv5n from scratch on training images 0–699, 160 px, 8 epochs (SGD, an "
+        "optimizer step per batch of 16), validated on the first 400 validation images after every epoch.",
     ),
     "synth-finetune": ABConfig(
         data=FASHION_DET,
@@ -529,9 +530,9 @@ PRESETS = {
         arms=STUDY_ARMS,
         pretrain=Pretrain(images=(0, 2400), options={"epochs": 10, "lr0": 0.01, "warmup_epochs": 1}),
         train_images=(2400, 400),
-        val_images=500,
+        val_images=400,
         description="fashion-det, Table 5's regime: one YOLOv5n pretrained from scratch on training images 0–2399 "
         "(10 epochs, seed 0, no SOS), then every arm fine-tunes it on images 2400–2799 (400 images, 8 epochs, "
-        "160 px), validated on the first 500 validation images after every epoch.",
+        "160 px), validated on the first 400 validation images after every epoch.",
     ),
 }
