@@ -1,4 +1,4 @@
-"""Detection commands: train, val, shift, hessian.
+"""Detection commands: train, val, shift, hessian, compare.
 
 Every command checks its options, its device and its output paths first, then reads the checkpoint through the
 one loader (sos_detect.checkpoints) and the data through `load_data`, and only then works or writes.
@@ -62,6 +62,33 @@ def register(sub: argparse._SubParsersAction) -> None:
     _val_parser(sub)
     _shift_parser(sub)
     _hessian_parser(sub)
+    _compare_parser(sub)
+
+
+def _compare_parser(sub: argparse._SubParsersAction) -> None:
+    cp = command(
+        sub,
+        "compare",
+        cmd_compare,
+        help="overlay per-epoch mAP50, mAP50-95, head norm and Hessian traces of runs, shift epochs marked",
+    )
+    cp.add_argument("runs", nargs="+", metavar="RUN", help="Ultralytics run folders (with results.csv)")
+    cp.add_argument("--labels", default=None, help="comma-separated legend labels (default: the folder names)")
+    cp.add_argument("--out", default="compare.png", help="PNG to write (default compare.png)")
+
+
+def cmd_compare(a: argparse.Namespace) -> int:
+    from sos_detect.detect.compare import compare_runs, run_labels
+
+    labels = a.labels.split(",") if a.labels else run_labels(a.runs)
+    if len(labels) != len(a.runs):
+        raise ValueError(f"--labels: {len(labels)} labels for {len(a.runs)} runs")
+    data = compare_runs({label: [run] for label, run in zip(labels, a.runs, strict=True)}, a.out)
+    for column, curves in data.items():
+        finals = ", ".join(f"{label} {c.values[-1]:.4g}" for label, c in curves.items())
+        print(f"{column} (last epoch): {finals}")
+    print(f"written: {a.out}")
+    return 0
 
 
 def _train_parser(sub: argparse._SubParsersAction) -> None:
