@@ -82,7 +82,9 @@ def read_idx(path: str | Path) -> np.ndarray:
     return data.reshape(shape)
 
 
-def _fashion(root: Path) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+def read_fashion_mnist(root: Path) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """((train images N×28×28, labels), (test images, labels)) from Fashion-MNIST's IDX files in `root`."""
+
     def find(stem: str) -> Path:
         for name in (f"{stem}.gz", stem):
             if (root / name).is_file():
@@ -90,8 +92,7 @@ def _fashion(root: Path) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarra
         raise FileNotFoundError(f"{root}: no {stem}[.gz] (install Debian's dataset-fashion-mnist or pass --root)")
 
     return tuple(  # type: ignore[return-value]
-        (read_idx(find(f"{p}-images-idx3-ubyte"))[:, None], read_idx(find(f"{p}-labels-idx1-ubyte")))
-        for p in ("train", "t10k")
+        (read_idx(find(f"{p}-images-idx3-ubyte")), read_idx(find(f"{p}-labels-idx1-ubyte"))) for p in ("train", "t10k")
     )
 
 
@@ -225,7 +226,8 @@ def load_classification_data(
             x, y, xt, yt = load_digits_split(seed=0)  # standardised already: mean 0, std 1 per pixel
             (xtr, ytr), (xte, yte), mean, std = (x.view(-1, 1, 8, 8), y), (xt.view(-1, 1, 8, 8), yt), (0.0,), (1.0,)
         elif name == "fashion-mnist":
-            (xtr, ytr), (xte, yte) = _fashion(Path(root or FASHION_ROOT))
+            (xtr, ytr), (xte, yte) = read_fashion_mnist(Path(root or FASHION_ROOT))
+            xtr, xte = xtr[:, None], xte[:, None]  # one channel
             mean, std = (0.2860,), (0.3530,)
         else:
             (xtr, ytr), (xte, yte) = read_cifar(root, name)
