@@ -157,12 +157,13 @@ def top5(h: torch.Tensor) -> list[float]:
 
 
 def detector(images: int, imgsz: int):
-    from sos_detect.detect.checkpoint import capture_set_for, load_detector_checkpoint, working_copy
+    from sos_detect.checkpoints import load_detector
+    from sos_detect.detect.checkpoint import capture_set_for, working_copy
     from sos_detect.detect.data import load_data
     from sos_detect.detect.embedded import REPO_ROOT
     from sos_detect.detect.shifting import detection_loss_tensor
 
-    ckpt = load_detector_checkpoint(REPO_ROOT / "data" / "checkpoints" / "yolov5n-trees.pt")
+    ckpt = load_detector(REPO_ROOT / "data" / "checkpoints" / "yolov5n-trees.pt")
     model = working_copy(ckpt.get("ema") or ckpt["model"], torch.device("cpu"), imgsz=imgsz, batch=images)
     batches = capture_set_for(model, load_data(None)[1]).sample(images, seed=0)
     cpu = torch.device("cpu")

@@ -38,7 +38,9 @@ def cli_run(args: list[str], project: Path, name: str) -> tuple[float, Path]:
     """Wall seconds of one `sos-detect train` process and its run folder."""
     cmd = [sys.executable, "-m", "sos_detect.cli", "train", "--project", str(project), "--name", name, *args]
     start = time.perf_counter()
-    subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO_ROOT)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}: {proc.stderr[-3000:]}")
     return time.perf_counter() - start, project / name
 
 

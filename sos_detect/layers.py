@@ -477,8 +477,8 @@ def check_shift_options(
 
     if mode not in MODES:
         raise ValueError(f"{name('mode')} must be one of {MODES}, got {mode!r}")
-    if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau >= 0):
-        raise ValueError(f"{name('tau')} must be a finite number >= 0, got {tau!r}")
+    if not (isinstance(tau, (int, float)) and 0 <= tau < 1):  # τ ≥ 1 makes V' = 0 feasible
+        raise ValueError(f"{name('tau')} must be a number in [0, 1), got {tau!r}")
     if mode == "paper" and rows is None:
         raise ValueError(f"{name('mode')}='paper' needs {name('rows')} (the number b of sampled rows, b < layer width)")
     if rows is not None and (not isinstance(rows, int) or isinstance(rows, bool) or rows <= 0):

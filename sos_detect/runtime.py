@@ -1,23 +1,37 @@
-"""Process-wide runtime settings: offline Ultralytics and an explicit CPU thread count."""
+"""Process-wide runtime settings: Ultralytics offline unless the user allows downloads, and an explicit CPU
+thread count (the user's OMP_NUM_THREADS when set, else every available core)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 
+TRUE = {"1", "true", "yes", "on", "y", "t"}  # what Ultralytics' env_bool reads as true
+
 
 def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def downloads_allowed() -> bool:
+    """False while YOLO_OFFLINE is true (`configure` sets it by default); YOLO_OFFLINE=0 allows downloads."""
+    return os.environ.get("YOLO_OFFLINE", "").strip().lower() not in TRUE
+
+
+def _user_threads() -> int | None:
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
 def configure(threads: int | None = None) -> int:
-    """Offline Ultralytics and `threads` torch threads (default: all available cores); returns the count.
+    """Offline Ultralytics unless YOLO_OFFLINE is already set, and `threads` torch threads (default: the user's
+    OMP_NUM_THREADS, else all available cores); returns the count.
 
     Ultralytics resets torch to min(8, cores − 1) threads whenever it selects a CPU device (one thread on
     a 2-core machine); its module constant is set too so that the choice sticks.
     """
     os.environ.setdefault("YOLO_OFFLINE", "1")
-    n = threads or available_cores()
+    n = threads or _user_threads() or available_cores()
     os.environ.setdefault("OMP_NUM_THREADS", str(n))
     import torch
     import ultralytics.utils.torch_utils as torch_utils

@@ -51,3 +51,44 @@ def low_rank_rows(
     c = torch.randn(rank, m, generator=generator, dtype=torch.float64)
     a = b @ c + noise * torch.randn(rows, m, generator=generator, dtype=torch.float64)
     return a.to(dtype)
+
+
+def run_cli(*args, cwd=None, env=None, timeout=600):
+    """`python -m sos_detect.cli ARGS` in a real process (cwd: where stray output would land)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo), **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "sos_detect.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        env=env,
+    )
+
+
+def snapshot(*roots):
+    """{file: sha256} of every file under `roots` (to show that nothing changed and nothing appeared)."""
+    import hashlib
+    from pathlib import Path
+
+    out = {}
+    for root in map(Path, roots):
+        for f in sorted(root.rglob("*")) if root.is_dir() else [root]:
+            if f.is_file():
+                out[str(f)] = hashlib.sha256(f.read_bytes()).hexdigest()
+            elif f.is_dir():
+                out[str(f)] = "dir"
+    return out
+
+
+def error_line(res) -> str:
+    """The single stderr line of a failed command (asserting exit code 2 and that it is one line)."""
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1, (res.returncode, res.stderr[-3000:])
+    return lines[0]

@@ -1,15 +1,29 @@
-"""Classification table harness: `reproduce classify` end to end on digits, paper figures beside, resumability."""
+"""Classification table harness: `reproduce classify` end to end on digits and on a CIFAR-100 python folder, the
+paper's shipped figures beside matching rows, resumability."""
 
 import csv
+import fnmatch
 import json
 import math
+import pickle
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from sos_detect.reproduce.classify import read_paper_figures
+from sos_detect.classify.data import read_cifar
+from sos_detect.reproduce.classify import PRESETS, published_figures, read_paper_figures
+from sos_detect.reproduce.paper import PAPER_DIR, posthoc_lines, table5_map50
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shipped(table: str, **match) -> list[dict]:
+    """Rows of a shipped paper CSV, read here with the csv module alone."""
+    with open(PAPER_DIR / table, newline="") as f:
+        return [r for r in csv.DictReader(f) if all(r[k] == v for k, v in match.items())]
 
 
 def reproduce(out, *args):
@@ -48,12 +62,14 @@ def test_mini_harness_on_digits_with_paper_figures(tmp_path):
     # a rerun reads the finished runs back: nothing is retrained
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "t" / "runs").glob("*/model.pt")}
     again = reproduce(tmp_path / "t", "--epochs", 2, "--seeds", "0,1")
-    assert again.returncode == 0 and "not bundled" in (tmp_path / "t" / "classify.md").read_text()
+    assert (
+        again.returncode == 0 and "have no row for model mlp on digits" in (tmp_path / "t" / "classify.md").read_text()
+    )
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     # other settings in the same folder are refused instead of being mixed into the table
     other = reproduce(tmp_path / "t", "--epochs", 3, "--seeds", "0")
     assert other.returncode == 2 and "done.json" in other.stderr and "epochs 2 → 3" in other.stderr
-    assert other.stderr.startswith(f"sos-detect reproduce: error: {tmp_path}")  # the message itself, not its repr
+    assert other.stderr.startswith(f"sos-detect reproduce classify: error: {tmp_path}")  # the message, not its repr
     assert len(other.stderr.strip().splitlines()) == 1
 
 
@@ -83,17 +99,150 @@ def test_paper_figures_read_back(tmp_path):
     assert not Path(tmp_path / "missing.csv").exists()
 
 
-def test_paper_preset_runs_offline_with_digits_in_place_of_cifar(tmp_path):
-    """The paper preset's model and SOS settings (ResNet-18 CIFAR stem, paper mode b = 300 < 512, step LR, SAM
-    ρ = 0.1) end to end on CPU; only the data (digits, shipped by scikit-learn) and the length differ."""
-    cmd = [sys.executable, "-m", "sos_detect.cli", "reproduce", "classify", "--preset", "paper", "--data", "digits"]
-    cmd += ["--device", "cpu", "--epochs", "1", "--seeds", "0", "--schemes", "sam+sos", "--out", str(tmp_path)]
+def write_cifar(root: Path, name: str, n_train: int, n_test: int, seed: int = 0) -> dict:
+    """A tiny CIFAR folder in the python pickle layout torchvision reads (random pixels, labels in turn)."""
+    folder, files, test, key, classes = {
+        "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "test_batch", "labels", 10),
+        "cifar100": ("cifar-100-python", ["train"], "test", "fine_labels", 100),
+    }[name]
+    rng = np.random.default_rng(seed)
+    (root / folder).mkdir(parents=True)
+    written = {}
+    for file, n in [(f, n_train // len(files)) for f in files] + [(test, n_test)]:
+        data, labels = rng.integers(0, 256, (n, 3072), dtype=np.uint8), [i % classes for i in range(n)]
+        entry = {"batch_label": file, "data": data, key: labels, "filenames": [f"{file}_{i}.png" for i in range(n)]}
+        if name == "cifar100":
+            entry["coarse_labels"] = [c // 5 for c in labels]
+        (root / folder / file).write_bytes(pickle.dumps(entry))
+        written[file] = (data, labels)
+    meta = ("batches.meta", {"label_names": [f"c{i}" for i in range(10)]})
+    if name == "cifar100":
+        meta = (
+            "meta",
+            {"fine_label_names": [f"c{i}" for i in range(100)], "coarse_label_names": [f"s{i}" for i in range(20)]},
+        )
+    (root / folder / meta[0]).write_bytes(pickle.dumps(meta[1]))
+    return written
+
+
+def test_read_cifar_python_layout(tmp_path):
+    written = write_cifar(tmp_path, "cifar10", n_train=50, n_test=7)
+    for root in (tmp_path, tmp_path / "cifar-10-batches-py"):  # the folder holding it, or the folder itself
+        (x, y), (xt, yt) = read_cifar(root, "cifar10")
+        assert x.shape == (50, 3, 32, 32) and xt.shape == (7, 3, 32, 32)
+        np.testing.assert_array_equal(x[10:20].reshape(10, -1), written["data_batch_2"][0])  # batches in order
+        assert y.tolist() == sum((written[f"data_batch_{i}"][1] for i in range(1, 6)), [])
+        # row 0 of an image is its first 32 red values, as the CIFAR page documents
+        np.testing.assert_array_equal(xt[3, 0, 0], written["test_batch"][0][3, :32])
+    (tmp_path / "cifar-10-batches-py" / "data_batch_4").unlink()
+    with pytest.raises(FileNotFoundError, match="data_batch_4"):
+        read_cifar(tmp_path, "cifar10")
+
+
+def test_paper_preset_on_a_cifar100_python_folder(tmp_path):
+    """The path a CIFAR user takes: `--preset paper --root` on a cifar-100-python folder (written here, tiny) with the
+    preset's model and SOS settings (ResNet-18 CIFAR stem, paper mode, step LR); the paper's Table 3 figure beside
+    SGD and, in an SOS-batch sweep, Table 4's beside SGD+SOS. Then `classify shift` on the SGD model, Table 1 beside."""
+    write_cifar(tmp_path / "data", "cifar100", n_train=64, n_test=32)
+    cmd = [sys.executable, "-m", "sos_detect.cli", "reproduce", "classify", "--preset", "paper"]
+    cmd += ["--root", str(tmp_path / "data"), "--device", "cpu", "--epochs", "1", "--seeds", "0"]
+    cmd += ["--schemes", "sgd,sgd+sos", "--sos-batch", "200", "--out", str(tmp_path / "t")]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
-    run = tmp_path / "runs" / "sam_sos_s0"
-    config = json.loads((run / "done.json").read_text())["config"]
-    assert (config["model"], config["sos_mode"], config["sos_batch"], config["rho"]) == ("resnet18", "paper", 300, 0.1)
-    (entry,) = [json.loads(x) for x in (run / "sos_log.jsonl").read_text().splitlines()]
+    runs = tmp_path / "t" / "runs"
+    config = json.loads((runs / "sgd_sos_b200_s0" / "done.json").read_text())["config"]
+    assert (config["model"], config["data"], config["imgsz"], config["sos_mode"]) == (
+        "resnet18",
+        "cifar100",
+        32,
+        "paper",
+    )
+    assert (config["sos_batch"], config["batch_size"], config["weight_decay"]) == (200, 64, 1e-4)
+    (entry,) = [json.loads(x) for x in (runs / "sgd_sos_b200_s0" / "sos_log.jsonl").read_text().splitlines()]
     layer = entry["layers"][0]
-    assert entry["applied"] and layer["rows"] == 300 and layer["rank"] <= 300
-    assert layer["norm_after"] < layer["norm_before"]  # 300 rows cannot span the 512 inputs of fc
+    assert entry["applied"] and layer["rows"] == 64 and layer["rank"] <= 64  # b = 200 asked, all 64 images taken
+    assert layer["norm_after"] < layer["norm_before"]  # 64 rows cannot span the 512 inputs of fc
+
+    rows = {r["row"]: r for r in csv.DictReader((tmp_path / "t" / "classify.csv").read_text().splitlines())}
+    assert list(rows) == ["sgd", "sgd+sos b=200", "sgd+sos b=200 - sgd"]
+    (t3,) = shipped(
+        "table3_training_schemes.csv", model="resnet18", data="cifar100", augmentation="basic", scheme="sgd"
+    )
+    (t4,) = shipped("table4_sos_batch.csv", model="resnet18", sos_batch="200")
+    md = (tmp_path / "t" / "classify.md").read_text()
+    for row, paper, source in (("sgd", t3, "Table 3"), ("sgd+sos b=200", t4, "Table 4")):
+        assert (float(rows[row]["paper_top1"]), float(rows[row]["paper_top1_std"])) == (
+            float(paper["top1"]),
+            float(paper["top1_std"]),
+        )
+        assert rows[row]["paper_source"] == source
+        ours = 100 * float(rows[row]["top1_mean"]) - float(paper["top1"])
+        assert f"{paper['top1']} ± {paper['top1_std']} / {ours:+.2f} ({source})" in md
+    assert "arXiv 2405.14111" in md and "Table 4 at b = 300 is not Table 3" in md
+
+    weights = runs / "sgd_s0" / "model.pt"
+    cmd = [sys.executable, "-m", "sos_detect.cli", "classify", "shift", "--model", "resnet18", "--data", "cifar100"]
+    cmd += ["--root", str(tmp_path / "data"), "--weights", str(weights), "--device", "cpu", "--sos-batch", "32"]
+    shift = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert shift.returncode == 0, shift.stderr[-2000:]
+    for aug in ("basic", "mixup"):
+        before, after = (
+            shipped("table1_posthoc_cifar.csv", model="resnet18", data="cifar100", augmentation=aug, when=w)[0]
+            for w in ("before", "after")
+        )
+        line = (
+            f"paper, Table 1 (resnet18, cifar100, {aug} augmentation): top-1 {before['top1']} ± {before['top1_std']} → "
+            f"{after['top1']} ± {after['top1_std']} %"
+        )
+        assert line in shift.stdout
+    assert "ours: top-1" in shift.stdout
+
+
+def test_published_figures_match_on_model_data_augmentation_scheme_and_b():
+    base = PRESETS["paper"]  # resnet18, cifar100, no Mixup
+    labels = {"sam+sos": ("sam+sos", None), "sgd+sos b=400": ("sgd+sos", 400), "nso": ("nso", None)}
+    labels |= {"sgd+sos b=100": ("sgd+sos", 100), "sam+sos b=200": ("sam+sos", 200)}
+    found = published_figures(base, labels)
+    (sam_sos,) = shipped(
+        "table3_training_schemes.csv", model="resnet18", data="cifar100", augmentation="basic", scheme="sam+sos"
+    )
+    (b400,) = shipped("table4_sos_batch.csv", model="resnet18", sos_batch="400")
+    assert found == {
+        "sam+sos": ((float(sam_sos["top1"]), float(sam_sos["top1_std"])), "Table 3"),
+        "sgd+sos b=400": ((float(b400["top1"]), float(b400["top1_std"])), "Table 4"),
+    }  # NSO is not in the paper; Table 4 has b = 200, 300, 400 for SGD + SOS only
+    from dataclasses import replace
+
+    (mix,) = shipped(
+        "table3_training_schemes.csv", model="vgg16_bn", data="cifar10", augmentation="mixup", scheme="sgd"
+    )
+    found = published_figures(replace(base, model="vgg16_bn", data="cifar10", mixup=1.0), {"sgd": ("sgd", None)})
+    assert found == {"sgd": ((float(mix["top1"]), float(mix["top1_std"])), "Table 3")}
+    assert published_figures(replace(base, data="cifar10"), {"sgd+sos b=200": ("sgd+sos", 200)}) == {}  # T4: CIFAR-100
+
+
+def test_posthoc_and_detection_figures_come_from_the_shipped_tables():
+    (b,), (a,) = (shipped("table2_posthoc_imagenet.csv", model="resnet50", when=w) for w in ("before", "after"))
+    (line, cite) = posthoc_lines("resnet50_imagenet", "imagefolder", 1000)
+    assert (
+        f"top-1 {b['top1']} → {a['top1']} ± {a['top1_std']} %, top-5 {b['top5']} → {a['top5']} ± {a['top5_std']} %"
+        in line
+    )
+    assert "arXiv 2405.14111" in cite and "README.md" in cite
+    assert posthoc_lines("resnet50_imagenet", "imagefolder", 10) == []  # not ImageNet
+    assert posthoc_lines("smallcnn", "cifar10", 10) == []
+    rows = shipped("table5_voc_detection.csv")
+    assert table5_map50() == {
+        m: tuple(float(r["map50"]) for arm in ("baseline", "sos") for r in rows if (r["model"], r["arm"]) == (m, arm))
+        for m in ("yolov5s", "yolov5x")
+    }
+
+
+def test_paper_tables_ship_as_package_data():
+    """Every file of the paper folder is matched by pyproject's package-data patterns (so a wheel carries it)."""
+    from setuptools.config.pyprojecttoml import read_configuration
+
+    patterns = read_configuration(REPO / "pyproject.toml")["tool"]["setuptools"]["package-data"]["sos_detect.reproduce"]
+    files = sorted(p.relative_to(PAPER_DIR.parent).as_posix() for p in PAPER_DIR.iterdir())
+    assert len(files) == 6 and "paper/README.md" in files
+    assert all(any(fnmatch.fnmatch(f, pat) for pat in patterns) for f in files)

@@ -4,11 +4,10 @@ import hashlib
 import json
 import re
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
+from conftest import error_line, run_cli, snapshot
 from ultralytics import YOLO
 from ultralytics.nn.tasks import ClassificationModel
 from ultralytics.utils.patches import torch_load
@@ -19,10 +18,8 @@ from sos_detect.detect.heads import detect_head_layers
 CKPT = REPO_ROOT / "data" / "checkpoints" / "yolov5n-trees.pt"
 
 
-def cli(*args, timeout=600):
-    return subprocess.run(
-        [sys.executable, "-m", "sos_detect.cli", *map(str, args)], capture_output=True, text=True, timeout=timeout
-    )
+def cli(*args, timeout=600, cwd=None):
+    return run_cli(*args, timeout=timeout, cwd=cwd)
 
 
 def sha(path) -> str:
@@ -33,26 +30,33 @@ def map50(text: str, label: str) -> float:
     return float(re.search(rf"{label}\s*mAP50 ([0-9.]+)", text).group(1))
 
 
-def test_val_reproduces_the_checkpoints_own_metrics():
-    res = cli("val", "--weights", CKPT, "--imgsz", 320, "--device", "cpu")
+def test_val_reproduces_the_checkpoints_own_metrics(tmp_path):
+    """No --imgsz, --batch, --data: the checkpoint's own (320 px, batch 8, the tree data), said on the first line;
+    no numpy warning, no runs/detect/val folder in the working folder."""
+    res = cli("val", "--weights", CKPT, "--device", "cpu", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
+    first = res.stdout.splitlines()[0]
+    assert first.startswith("val: imgsz 320 (the checkpoint's), batch 8 (the checkpoint's), data ")
+    assert first.endswith("(the checkpoint's: the embedded tree dataset)")
     printed = float(re.search(r"mAP50 ([0-9.]+)", res.stdout).group(1))
     stored = torch_load(CKPT, map_location="cpu")["train_metrics"]["metrics/mAP50(B)"]
     assert stored > 0.02  # a real, if small, detector
     assert printed == pytest.approx(stored, abs=0.01)
+    assert "Warning" not in res.stderr and snapshot(tmp_path) == {}
 
 
 def test_shift_writes_a_loadable_checkpoint_and_keeps_map(tmp_path):
     before_hash = sha(CKPT)
     out = tmp_path / "shifted.pt"
-    res = cli("shift", "--weights", CKPT, "--out", out, "--imgsz", 320, "--device", "cpu", "--sos-tau", "1e-4")
+    res = cli("shift", "--weights", CKPT, "--out", out, "--device", "cpu", "--sos-tau", "1e-4", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert sha(CKPT) == before_hash  # input untouched
+    assert sorted(snapshot(tmp_path)) == [str(out)]  # no stray runs/detect/val*
     assert "box.0" in res.stdout and "cls.2" in res.stdout
     before, after = map50(res.stdout, "before:"), map50(res.stdout, "after:")
     assert abs(after - before) <= 0.01
     # independent: the written file loads, validates to the printed figure, and its heads are smaller
-    metrics = YOLO(str(out)).val(data=str(EMBEDDED_YAML), imgsz=320, device="cpu", plots=False, verbose=False)
+    metrics = YOLO(str(out)).val(data=str(EMBEDDED_YAML), imgsz=320, batch=8, device="cpu", plots=False, verbose=False)
     assert float(metrics.box.map50) == pytest.approx(after, abs=1e-4)
 
     def norm(path):
@@ -63,12 +67,33 @@ def test_shift_writes_a_loadable_checkpoint_and_keeps_map(tmp_path):
     assert norm(out) < norm(CKPT)
 
 
+def test_val_uses_the_checkpoints_own_settings(tmp_path):
+    """imgsz, batch and data from the checkpoint's train args (here 160 px, batch 4, a copy of the tree data YAML)."""
+    ckpt = torch_load(CKPT, map_location="cpu")
+    data = tmp_path / "trees.yaml"
+    data.write_text(
+        f"path: {REPO_ROOT / 'data' / 'deepforest'}\ntrain: images/train\nval: images/val\nnames:\n  0: Tree\n"
+    )
+    ckpt["train_args"].update(imgsz=160, batch=4, data=str(data))
+    torch.save(ckpt, tmp_path / "ck.pt")
+    work = tmp_path / "work"
+    work.mkdir()
+    res = cli("val", "--weights", tmp_path / "ck.pt", "--device", "cpu", cwd=work)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.splitlines()[0] == (
+        f"val: imgsz 160 (the checkpoint's), batch 4 (the checkpoint's), data {data} (the checkpoint's)"
+    )
+    metrics = YOLO(str(tmp_path / "ck.pt")).val(
+        data=str(data), imgsz=160, batch=4, device="cpu", plots=False, verbose=False, project=str(tmp_path / "v")
+    )
+    assert map50(res.stdout, f"{tmp_path / 'ck.pt'}:") == pytest.approx(float(metrics.box.map50), abs=1e-4)
+    assert snapshot(work) == {}
+
+
 def one_line_error(res, *needles):
-    assert res.returncode != 0
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1, res.stderr
+    line = error_line(res)
     for needle in needles:
-        assert needle in lines[0], lines[0]
+        assert needle in line, line
 
 
 def test_missing_data_yaml(tmp_path):
@@ -102,29 +127,16 @@ def test_checkpoint_without_detect_head(tmp_path):
     torch.save({"model": ClassificationModel("yolov8n-cls.yaml", nc=2, verbose=False).half()}, bad)
     before = sha(bad)
     res = cli("shift", "--weights", bad, "--out", tmp_path / "out.pt")
-    one_line_error(res, "cls.pt", "Detect head")
+    one_line_error(res, "--weights", "cls.pt", "a YOLO classification checkpoint")
     assert not (tmp_path / "out.pt").exists() and sha(bad) == before
 
 
-@pytest.mark.parametrize(
-    "args,needle",
-    [(["--sos-tau", "-1"], "sos_tau"), (["--sos-mode", "paper"], "sos_rows"), (["--sos-every", "0"], "sos_every")],
-)
-def test_bad_sos_options(tmp_path, args, needle):
-    res = cli("train", "--project", tmp_path, "--epochs", 1, *args)
-    one_line_error(res, needle)
-    assert not any(tmp_path.iterdir())
-
-
-def test_shift_bad_option_writes_nothing(tmp_path):
-    res = cli("shift", "--weights", CKPT, "--out", tmp_path / "o.pt", "--sos-tau", "-1")
-    one_line_error(res, "tau")
-    assert not (tmp_path / "o.pt").exists()
-
-
 def test_val_voc07_and_pycocotools_agree_with_ultralytics(tmp_path):
-    res = cli("val", "--weights", CKPT, "--imgsz", 320, "--device", "cpu", "--voc07", "--coco", "--out", tmp_path)
+    work = tmp_path / "work"
+    work.mkdir()
+    res = cli("val", "--weights", CKPT, "--device", "cpu", "--voc07", "--coco", "--out", tmp_path, cwd=work)
     assert res.returncode == 0, res.stderr
+    assert snapshot(work) == {} and "Warning" not in res.stderr  # no stray folder, no numpy warning
     ultra = float(re.search(r"mAP50 ([0-9.]+)\s+mAP50-95", res.stdout).group(1))
     coco = float(re.search(r"pycocotools AP50 ([0-9.]+)", res.stdout).group(1))
     voc07 = float(re.search(r"VOC07 11-point mAP50 ([0-9.]+)", res.stdout).group(1))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, tiny_train
+from conftest import TINY, run_cli, tiny_train
 from torch.nn.modules.module import register_module_forward_hook
 from ultralytics import YOLO
 from ultralytics.utils.patches import torch_load
@@ -264,9 +264,9 @@ def test_resume_both_ways_keeps_logs_consistent_with_the_checkpoint(tmp_path):
     assert ckpt["ema"].sos_args["sos_tau"] == 3e-4
     shutil.copytree(run, copy)
     original = {f: (run / f).read_bytes() for f in ("results.csv", "sos_log.jsonl")}
-    resumed = YOLO(str(copy / "weights" / "last.pt"))
-    resumed.train(trainer=SOSDetectionTrainer, resume=True)
-    assert resumed.trainer.save_dir == copy
+    proc = run_cli("train", "--resume", copy / "weights" / "last.pt", "--project", tmp_path / "elsewhere")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not (tmp_path / "elsewhere").exists()  # the run continues in its own folder
     rows = list(csv.DictReader((copy / "results.csv").read_text().splitlines()))
     assert [int(float(r["epoch"])) for r in rows] == [1, 2, 3]
     log = [json.loads(line) for line in (copy / "sos_log.jsonl").read_text().splitlines()]
@@ -284,6 +284,9 @@ def test_resume_both_ways_keeps_logs_consistent_with_the_checkpoint(tmp_path):
     best.train(data=TINY["data"], epochs=1, imgsz=160, device="cpu", workers=0, plots=False, project=str(tmp_path),
                name="ft", exist_ok=True, verbose=False)  # fmt: skip
     assert (tmp_path / "ft" / "weights" / "last.pt").is_file()
+    done = run_cli("train", "--resume", copy / "weights" / "last.pt")  # finished: nothing to resume
+    assert done.returncode != 0 and "--resume" in done.stderr and "--weights" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
 
 
 TENSORBOARD_RUN = """

@@ -11,7 +11,8 @@ import pytest
 import torch
 from conftest import tiny_train
 
-from sos_detect.detect.checkpoint import capture_set_for, load_detector_checkpoint, working_copy
+from sos_detect.checkpoints import load_detector
+from sos_detect.detect.checkpoint import capture_set_for, working_copy
 from sos_detect.detect.data import load_data
 from sos_detect.detect.embedded import REPO_ROOT
 from sos_detect.detect.flatness import cls_head_diagonal, detector_params, output_space_diagonal
@@ -49,7 +50,7 @@ def test_trainer_logs_trace_and_norm_and_plots(tmp_path):
         assert (run / name).stat().st_size > 1000
     # independent recomputation on the saved EMA (fp16 in the checkpoint), same images: the cls block's exact
     # trace from unit-vector HVPs, the box block's by Hutchinson
-    ckpt = load_detector_checkpoint(run / "weights" / "last.pt")
+    ckpt = load_detector(run / "weights" / "last.pt")
     model = working_copy(ckpt.get("ema") or ckpt["model"], CPU, imgsz=128, batch=8)
     batches = capture_set_for(model, load_data(None)[1]).sample(2, 0)
     loss_fn = lambda: detection_loss_tensor(model, batches, CPU)  # noqa: E731
@@ -68,7 +69,7 @@ def test_trainer_logs_trace_and_norm_and_plots(tmp_path):
 def tiny_float64_detector(nc: int | None):
     """The shipped YOLOv5n tree detector in float64 on 4 real embedded images at 64 px in batches of 2; with nc,
     its cls convs replaced by fresh nc-class ones, cls gain 1.7 and class weights, the boxes spread over classes."""
-    ckpt = load_detector_checkpoint(CKPT)
+    ckpt = load_detector(CKPT)
     model = working_copy(ckpt.get("ema") or ckpt["model"], CPU, imgsz=64, batch=2, **({"cls": 1.7} if nc else {}))
     batches = capture_set_for(model, load_data(None)[1]).sample(4, 0)
     if nc:
@@ -155,7 +156,7 @@ def test_hessian_command_before_after(tmp_path):
     assert eigs["before"][0] >= eigs["before"][1]
     assert Path(tmp_path / "fig2_top_eigenvalues.png").stat().st_size > 1000
     # independent check of the reported top eigenvalue before the shift
-    ckpt = load_detector_checkpoint(CKPT)
+    ckpt = load_detector(CKPT)
     model = working_copy(ckpt.get("ema") or ckpt["model"], CPU, imgsz=160, batch=16)
     batches = capture_set_for(model, load_data(None)[1]).sample(2, 0)
     params = detector_params(model, "head")

@@ -12,7 +12,6 @@ import torch
 from scipy import stats
 
 from sos_detect.hessian import hessian_trace, top_eigenvalues
-from sos_detect.reproduce.stats import t_interval
 from sos_detect.sensing.compare import reproduce_sensing
 from sos_detect.sensing.diagnostics import diagnose
 from sos_detect.sensing.problem import SensingConfig, SensingProblem, measure, product
@@ -141,14 +140,6 @@ def test_nso_noise_and_sam_steps_equal_their_definitions():
     expected = [w - 0.1 * x for w, x in zip(init, g_adv, strict=True)]
     for a, b in zip(train(problem, init, Method("sam", "sam", rho), settings, seed), expected, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
-
-
-@pytest.mark.parametrize("df", [1, 2, 3, 4, 9, 30])
-def test_t_interval_matches_scipy(df):
-    values = np.random.default_rng(df).normal(size=df + 1)
-    mean, lo, hi = t_interval(values.tolist())
-    ref = stats.t.interval(0.95, df, loc=values.mean(), scale=stats.sem(values))
-    assert mean == pytest.approx(values.mean()) and (lo, hi) == pytest.approx(ref, rel=1e-9)
 
 
 def test_reproduce_sensing_end_to_end(tmp_path):

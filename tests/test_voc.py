@@ -1,10 +1,12 @@
 """VOC conversion on a fixture VOCdevkit built here, and the VOC07 metric on hand-computed cases."""
 
 import json
+import re
 
 import cv2
 import numpy as np
 import pytest
+import yaml
 
 from sos_detect.detect.evaluate import Detections, GroundTruth, voc07_map
 from sos_detect.detect.voc import VOC_CLASSES, convert_voc
@@ -57,8 +59,11 @@ def make_devkit(root):
     }
     for stem, (text, has_image) in images.items():
         (v7 / "Annotations" / f"{stem}.xml").write_text(text)
-        if has_image:
-            cv2.imwrite(str(v7 / "JPEGImages" / f"{stem}.jpg"), np.zeros((8, 8, 3), np.uint8))
+        if has_image:  # the size its XML states (the malformed one: 16x16)
+            w, h = (
+                (int(v) for v in re.findall(r"<(?:width|height)>(\d+)<", text)[:2]) if "<height>" in text else (16, 16)
+            )
+            cv2.imwrite(str(v7 / "JPEGImages" / f"{stem}.jpg"), np.full((h, w, 3), 90, np.uint8))
     (v7 / "ImageSets/Main/trainval.txt").write_text("000001\n000002\n000003\n000004\n")
     (v7 / "ImageSets/Main/test.txt").write_text("000005\n")
 
@@ -164,3 +169,58 @@ def test_voc07_perfect_and_missed():
     # IoU just under 0.5 does not match: 10x10 vs 10x(10/1.5·…)
     low = {"a": det([[0, 0, 10, 20.5]], [0.9], [0])}  # IoU = 100 / 205 < 0.5
     assert voc07_map(low, {"a": truths["a"]}, nc=1)[0] == 0.0
+
+
+def test_missing_xml_is_named_as_missing(tmp_path):
+    make_devkit(tmp_path / "VOCdevkit")
+    xml_file = tmp_path / "VOCdevkit/VOC2007/Annotations/000001.xml"
+    xml_file.unlink()
+    summary = convert_voc(tmp_path / "VOCdevkit", tmp_path / "voc", workers=1)
+    assert f"missing XML: {xml_file}: listed in ImageSets but not on disk" in summary.anomalies
+    assert summary.images == {"train": 1, "val": 1}
+
+
+def test_mission_command_after_conversion(tmp_path):
+    """`sos-detect train --cfg yolov5s.yaml --data voc.yaml` finds the converted VOC (tiny settings); before the
+    conversion it says in one line what to run, and `--data configs/voc.yaml` names the real missing path."""
+    from conftest import error_line, run_cli, snapshot
+
+    from sos_detect.detect.embedded import REPO_ROOT
+
+    make_devkit(tmp_path / "VOCdevkit")
+    work = tmp_path / "work"
+    work.mkdir()
+    for name in ("voc.yaml", "VOC.yaml"):
+        res = run_cli("train", "--cfg", "yolov5s.yaml", "--data", name, cwd=work)
+        assert error_line(res) == (
+            f"sos-detect train: error: --data {name}: no converted PASCAL VOC here (datasets/voc/images/train not "
+            "found); run `sos-detect data voc --root /path/to/VOCdevkit --out datasets/voc` first"
+        )
+    if not (REPO_ROOT / "datasets" / "voc").exists():
+        res = run_cli("train", "--data", REPO_ROOT / "configs" / "voc.yaml", cwd=work)
+        assert f"train: ../datasets/voc/images/train is {REPO_ROOT}/datasets/voc/images/train, which does not" in (
+            error_line(res)
+        )
+    assert snapshot(work) == {}
+    res = run_cli("data", "voc", "--root", tmp_path / "VOCdevkit", "--out", "datasets/voc", "--workers", 1, cwd=work)
+    assert res.returncode == 0, res.stderr[-2000:]
+    tiny = [
+        "--epochs",
+        1,
+        "--imgsz",
+        64,
+        "--batch",
+        2,
+        "--sos-images",
+        2,
+        "--device",
+        "cpu",
+        "workers=0",
+        "plots=False",
+    ]
+    res = run_cli("train", "--cfg", "yolov5s.yaml", "--data", "voc.yaml", *tiny, cwd=work)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = work / "runs" / "sos" / "train"
+    args = yaml.safe_load((run / "args.yaml").read_text())
+    assert args["data"] == str(work / "datasets" / "voc" / "voc.yaml") and args["model"] == "yolov5s.yaml"
+    assert (run / "weights" / "last.pt").is_file()

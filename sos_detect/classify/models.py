@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 import torchvision
 from torch import nn
 
@@ -72,13 +71,11 @@ def build_model(name: str, num_classes: int, in_ch: int = 3, weights: str | Path
 
 
 def load_weights(model: nn.Module, path: str | Path) -> None:
-    """Load a state dict (or a {'model': state_dict} / {'state_dict': …} checkpoint) from a local file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: weights file not found")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict):
-        state = state.get("model", state.get("state_dict", state))
+    """Load a state dict (or a {'model': state_dict} / {'state_dict': …} checkpoint) from a local file, through the
+    one checkpoint loader (safe unpickling, finite tensors, one-line errors naming the file)."""
+    from sos_detect.checkpoints import load_state_dict
+
+    state = load_state_dict(path)
     own = model.state_dict()
     bad = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     if bad:

@@ -1,4 +1,8 @@
-"""The classification training loop with Algorithm 1 (SOS on the final linear layer) and post-hoc shifting."""
+"""The classification training loop with Algorithm 1 (SOS on the final linear layer) and post-hoc shifting.
+
+Runs land in project/name, auto-incremented like Ultralytics' (train, train-2, …); a finished run (model.pt) is
+never overwritten. After every epoch last.pt holds everything needed to continue an interrupted run bit-exactly.
+"""
 
 from __future__ import annotations
 
@@ -6,23 +10,24 @@ import csv
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
-from sos_detect.classify.data import ClassificationData, load_classification_data
-from sos_detect.classify.models import build_model, final_linear
+from sos_detect.classify.data import SMALL_MAX, ClassificationData, default_imgsz, load_classification_data
+from sos_detect.classify.models import CIFAR_MODELS, build_model, final_linear
 from sos_detect.classify.optim import NSO, SAM
 from sos_detect.files import save_atomic
 from sos_detect.layers import ShiftReport, check_shift_options, shift_model
 
 OPTIMIZERS = ("sgd", "sam", "nso")
 CHECKPOINT = "last.pt"  # written after every epoch, removed when the run finishes
-RESUME_FREE = ("out", "device", "workers", "resume")  # settings a resumed run may change
+FINISHED = "model.pt"  # a finished run: never overwritten
+RESUME_FREE = ("project", "name", "exist_ok", "resume", "device", "workers")  # settings a resumed run may change
 
 
 @dataclass
@@ -30,9 +35,10 @@ class TrainConfig:
     model: str = "resnet18"
     data: str = "cifar100"
     root: str | None = None
+    imgsz: int | None = None  # None: the dataset's and model's default (data.default_imgsz)
     optimizer: str = "sgd"
     epochs: int = 200
-    batch_size: int = 128
+    batch_size: int = 64
     lr: float = 0.1
     momentum: float = 0.9  # Nesterov
     weight_decay: float = 5e-4
@@ -56,18 +62,24 @@ class TrainConfig:
     device: str = "cpu"
     amp: bool = False  # bf16 autocast on CUDA
     workers: int = 0
-    resume: bool = True  # continue an interrupted run from out/last.pt
-    out: str = "runs/classify/train"
+    project: str = "runs/classify"
+    name: str = "train"
+    exist_ok: bool = False  # reuse project/name as it is (never a finished run's folder)
+    resume: bool | str = False  # True: the latest unfinished run of project/name; or a run folder / its last.pt
 
     def check(self) -> None:
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"--optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.schedule not in ("step", "cosine"):
             raise ValueError(f"--schedule must be step or cosine, got {self.schedule!r}")
-        for key in ("epochs", "batch_size", "sos_batch", "sos_samples", "sos_every", "nso_perturbations"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(self, key)}")
-        check_shift_options(self.sos_mode, self.sos_tau, self.sos_batch if self.sos_mode == "paper" else None)
+        for key in ("imgsz", "epochs", "batch_size", "sos_batch", "sos_samples", "sos_every", "nso_perturbations"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                flag = "batch" if key == "batch_size" else key.replace("_", "-")
+                raise ValueError(f"--{flag} must be >= 1, got {value}")
+        check_shift_options(
+            self.sos_mode, self.sos_tau, self.sos_batch if self.sos_mode == "paper" else None, prefix="--sos-"
+        )
 
 
 def _loader(ds: Dataset, batch: int, shuffle: bool, seed: int, workers: int) -> DataLoader:
@@ -80,7 +92,16 @@ def _loader(ds: Dataset, batch: int, shuffle: bool, seed: int, workers: int) -> 
     )
 
 
-def evaluate(model: nn.Module, ds: Dataset, device: torch.device, batch: int = 512) -> dict[str, float]:
+def eval_batch(cfg: TrainConfig) -> int:
+    """Batch of the no-grad passes (evaluation, SOS capture): twice the training batch, as Ultralytics validates.
+
+    A no-grad forward keeps about a quarter of a training step's activations per image, so these passes never need
+    more memory than training does (a fixed 512 held 300–512 full-resolution images at once).
+    """
+    return 2 * cfg.batch_size
+
+
+def evaluate(model: nn.Module, ds: Dataset, device: torch.device, batch: int = 128) -> dict[str, float]:
     """Mean cross-entropy, top-1 and top-5 accuracy."""
     model.eval()
     loss = top1 = top5 = n = 0.0
@@ -97,13 +118,6 @@ def evaluate(model: nn.Module, ds: Dataset, device: torch.device, batch: int = 5
     return {"loss": loss / n, "top1": top1 / n, "top5": top5 / n}
 
 
-def _random_batches(ds: Dataset, n: int, batch: int, seed: int) -> list[torch.Tensor]:
-    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n].tolist()
-    xs = torch.stack([ds[i][0] for i in idx])
-    ys = torch.tensor([ds[i][1] for i in idx])
-    return [(xs[i : i + batch], ys[i : i + batch]) for i in range(0, len(xs), batch)]
-
-
 def sos_step(
     model: nn.Module,
     plain_train: Dataset,
@@ -116,10 +130,12 @@ def sos_step(
 
     paper: one batch of b = sos_batch samples, τ = 0 (b rows, so b < width makes the system under-determined);
     guarded: sos_samples samples, budget τ. The loss on the captured samples is measured before and after.
+    The samples are read in chunks of eval_batch(cfg), never all at once.
     """
     name, layer = final_linear(model)
     n = cfg.sos_batch if cfg.sos_mode == "paper" else cfg.sos_samples
-    batches = _random_batches(plain_train, n, 512, seed)
+    idx = torch.randperm(len(plain_train), generator=torch.Generator().manual_seed(seed))[:n].tolist()
+    batches = _loader(Subset(plain_train, idx), eval_batch(cfg), False, 0, 0)
     forward = lambda m, b: m(b[0].to(device))  # noqa: E731
 
     def loss_fn(m: nn.Module) -> float:
@@ -130,7 +146,7 @@ def sos_step(
         )
         for mod, training in modes.items():
             mod.training = training
-        return total / n
+        return total / len(idx)
 
     return shift_model(
         model,
@@ -208,54 +224,134 @@ def _check_fit(model: nn.Module, data: ClassificationData, cfg: TrainConfig) -> 
 
 
 def changed_settings(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
-    """'key saved → now' for every setting of a saved run that differs from cfg (RESUME_FREE aside)."""
+    """'key saved → now' for every setting of a saved run that differs from cfg (RESUME_FREE aside, and settings
+    the run predates, such as imgsz in runs made when every dataset had its one size)."""
     now = asdict(cfg)
-    return [f"{k} {saved.get(k)!r} → {now[k]!r}" for k in now if k not in RESUME_FREE and saved.get(k) != now[k]]
+    return [f"{k} {saved[k]!r} → {now[k]!r}" for k in now if k not in RESUME_FREE and k in saved and saved[k] != now[k]]
 
 
-def _load_checkpoint(cfg: TrainConfig, out: Path) -> dict[str, Any] | None:
-    """out/last.pt of an interrupted run with the same settings (RESUME_FREE aside); None to start afresh."""
-    path = out / CHECKPOINT
-    if not (cfg.resume and path.is_file()):
-        return None
+def with_imgsz(cfg: TrainConfig) -> TrainConfig:
+    """cfg with imgsz resolved to its default when unset: what a run records and is compared by."""
+    return cfg if cfg.imgsz else replace(cfg, imgsz=default_imgsz(cfg.model, cfg.data, cfg.root))
+
+
+def config_data(cfg: TrainConfig) -> ClassificationData:
+    """The datasets cfg names, at its image size (its default when unset)."""
+    return load_classification_data(
+        cfg.data,
+        cfg.root,
+        imgsz=cfg.imgsz,
+        model=cfg.model,
+        train_subset=cfg.train_subset,
+        test_subset=cfg.test_subset,
+        seed=cfg.seed,
+    )
+
+
+def unfinished_runs(project: str | Path, name: str) -> list[Path]:
+    """Run folders project/name, project/name-2, … holding a last.pt, the most recently written first."""
+    base = Path(project) / name
+    found = [base] + [p for p in base.parent.glob(f"{name}-*") if p.name[len(name) + 1 :].isdigit()]
+    runs = [p for p in found if (p / CHECKPOINT).is_file()]
+    return sorted(runs, key=lambda p: (p / CHECKPOINT).stat().st_mtime, reverse=True)
+
+
+def resume_folder(resume: bool | str, project: str | Path, name: str) -> Path:
+    """The run that resume=… continues: the given folder (or its last.pt), or the latest unfinished project/name."""
+    if resume is True:
+        runs = unfinished_runs(project, name)
+        if not runs:
+            raise FileNotFoundError(f"{Path(project) / name}: no unfinished run of this name to resume (no last.pt)")
+        return runs[0]
+    path = Path(resume)
+    folder = path.parent if path.name == CHECKPOINT else path
+    if not (folder / CHECKPOINT).is_file():
+        state = "a finished run, nothing to resume" if (folder / FINISHED).is_file() else "no last.pt"
+        raise FileNotFoundError(f"{path}: {state} (--resume)")
+    return folder
+
+
+def resume_config(resume: bool | str, project: str, name: str, given: dict[str, Any]) -> TrainConfig:
+    """The saved settings of the run to resume, `given` on top; train() refuses those that differ (RESUME_FREE aside).
+
+    This is what `classify train --resume` runs: options the user typed are checked against the run's own.
+    """
+    folder = resume_folder(resume, project, name)
+    saved = torch.load(folder / CHECKPOINT, map_location="cpu", weights_only=True)["config"]
+    known = {f.name for f in fields(TrainConfig)}
+    return TrainConfig(**{**{k: v for k, v in saved.items() if k in known}, **given, "resume": str(folder)})
+
+
+def run_folder(cfg: TrainConfig) -> Path:
+    """Where the run goes: the resumed folder, project/name with exist_ok, else project/name auto-incremented."""
+    if cfg.resume:
+        return resume_folder(cfg.resume, cfg.project, cfg.name)
+    from ultralytics.utils.files import increment_path
+
+    folder = increment_path(Path(cfg.project) / cfg.name, exist_ok=cfg.exist_ok)
+    if (folder / FINISHED).is_file():
+        raise ValueError(f"{folder}: holds a finished run ({FINISHED}), never overwritten; drop --exist-ok or rename")
+    return folder
+
+
+def _load_checkpoint(cfg: TrainConfig, folder: Path) -> dict[str, Any]:
+    """folder/last.pt of an interrupted run with the same settings as cfg (RESUME_FREE aside)."""
+    path = folder / CHECKPOINT
     state = torch.load(path, map_location="cpu", weights_only=True)
     changed = changed_settings(state["config"], cfg)
     if changed:
         raise ValueError(
-            f"{path}: an unfinished run with other settings ({', '.join(changed)}); rerun with its settings, "
-            "pass --no-resume to start over, or choose another --out"
+            f"{path}: an unfinished run with other settings ({', '.join(changed)}); resume it with its own "
+            "settings or start a new run without --resume"
         )
     return state
 
 
 def train(cfg: TrainConfig, data: ClassificationData | None = None) -> dict[str, Any]:
-    """Train with the configured scheme; writes log.csv, sos_log.jsonl and model.pt under cfg.out.
+    """Train with the configured scheme into a run folder (run_folder): log.csv, sos_log.jsonl, model.pt.
 
-    After every epoch out/last.pt holds the model, optimiser, log and random states, so a rerun with the same
-    settings continues an interrupted run exactly where it stopped (the same weights as an uninterrupted run).
+    After every epoch folder/last.pt holds the model, optimiser, log and random states, so resume=True (or the
+    folder) continues an interrupted run exactly where it stopped (the same weights as an uninterrupted run).
+    Returns {"final": last log row, "rows": log rows, "save_dir": folder}.
     """
+    from ultralytics.utils import LOGGER, TQDM
+
     cfg.check()
+    cfg = replace(cfg, imgsz=data.imgsz) if data is not None and not cfg.imgsz else with_imgsz(cfg)
+    folder = run_folder(cfg)
+    state = _load_checkpoint(cfg, folder) if cfg.resume else None
+    if state is None:
+        for other in unfinished_runs(cfg.project, cfg.name)[:1]:
+            if other != folder:
+                LOGGER.info(f"{other} holds an unfinished run; --resume continues it")
+    if cfg.model in CIFAR_MODELS and cfg.imgsz > SMALL_MAX:
+        LOGGER.warning(
+            f"--model {cfg.model} has a CIFAR stem (no early downsampling): at imgsz {cfg.imgsz} its activations are "
+            f"{(cfg.imgsz / 32) ** 2:.0f}× those at 32 px; the ImageNet models suit large images"
+        )
     torch.manual_seed(cfg.seed)
     device = torch.device(cfg.device)
-    data = data or load_classification_data(
-        cfg.data, cfg.root, train_subset=cfg.train_subset, test_subset=cfg.test_subset, seed=cfg.seed
-    )
+    data = data or config_data(cfg)
     model = build_model(cfg.model, data.num_classes, data.in_ch, cfg.weights).to(device)
     _check_fit(model, data, cfg)
     opt = _optimizer(model, cfg)
     base = getattr(opt, "base_optimizer", opt)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
     loader = _loader(data.train, cfg.batch_size, True, cfg.seed, cfg.workers)
     rows: list[dict[str, float]] = []
-    state = _load_checkpoint(cfg, out)
     if state is not None:
         model.load_state_dict(state["model"])
         base.load_state_dict(state["optimizer"])
         _set_rng_states(state["rng"], loader, opt, device)
         rows = state["rows"]
-    _keep_log_until(out / "sos_log.jsonl", len(rows))
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    else:
+        (folder / CHECKPOINT).unlink(missing_ok=True)  # exist_ok without resume: start over
+    _keep_log_until(folder / "sos_log.jsonl", len(rows))
+    (folder / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    LOGGER.info(
+        f"classify {cfg.model} on {cfg.data} ({len(data.train)} train / {len(data.test)} test images, "
+        f"imgsz {cfg.imgsz}, batch {cfg.batch_size}), {cfg.optimizer}{' + SOS' if cfg.sos else ''} → {folder}"
+    )
     mix = torch.distributions.Beta(cfg.mixup, cfg.mixup) if cfg.mixup > 0 else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda")
     start = time.time() - (rows[-1]["seconds"] if rows else 0.0)
@@ -263,15 +359,19 @@ def train(cfg: TrainConfig, data: ClassificationData | None = None) -> dict[str,
         for g in base.param_groups:
             g["lr"] = cfg.lr * _lr_factor(cfg, epoch)
         model.train()
-        seen = loss_sum = 0.0
-        for x, y in loader:
+        seen = loss_sum = correct = 0.0
+        LOGGER.info(f"{'Epoch':>10}{'loss':>10}{'acc':>10}{'imgsz':>10}")
+        pbar = TQDM(loader, total=len(loader))
+        for x, y in pbar:
             x, y = x.to(device), y.to(device)
+            lam, perm = 1.0, None
             if mix is not None:
                 lam = float(mix.sample())
                 perm = torch.randperm(len(y), device=device)
                 x = lam * x + (1 - lam) * x[perm]
+            first: list[torch.Tensor] = []  # the step's first forward: its outputs give the logged accuracy
 
-            def closure(x=x, y=y, lam=lam if mix else 1.0, perm=perm if mix else None):
+            def closure(x=x, y=y, lam=lam, perm=perm, first=first):
                 opt.zero_grad()
                 with autocast:
                     out_ = model(x).float()
@@ -279,22 +379,31 @@ def train(cfg: TrainConfig, data: ClassificationData | None = None) -> dict[str,
                     if perm is not None:
                         loss_ = loss_ + (1 - lam) * nn.functional.cross_entropy(out_, y[perm])
                 loss_.backward()
+                if not first:
+                    first.append(out_.detach())
                 return loss_
 
             loss = opt.step(closure, model) if cfg.optimizer in ("sam", "nso") else _sgd_step(opt, closure)
             loss_sum += float(loss.detach()) * len(y)
+            correct += float((first[0].argmax(1) == y).sum())
             seen += len(y)
+            pbar.set_description(
+                f"{f'{epoch + 1}/{cfg.epochs}':>10}{loss_sum / seen:>10.4g}{correct / seen:>10.4g}{cfg.imgsz:>10}"
+            )
         report = None
         if cfg.sos and epoch >= cfg.sos_start and (epoch - cfg.sos_start) % cfg.sos_every == 0:
             report = sos_step(model, data.plain_train, cfg, device, cfg.seed * 1000 + epoch, optimizer=base)
-            with open(out / "sos_log.jsonl", "a") as f:
+            with open(folder / "sos_log.jsonl", "a") as f:
                 f.write(json.dumps({"epoch": epoch + 1, **report.to_dict()}) + "\n")
-        test = evaluate(model, data.test, device)
+        test = evaluate(model, data.test, device, eval_batch(cfg))
+        shift = f"  SOS ‖V'‖/‖V‖ {report.norm_ratio:.4f}" if report else ""
+        LOGGER.info(f"{'test':>10}{test['loss']:>10.4g}  top-1 {test['top1']:.4f}  top-5 {test['top5']:.4f}{shift}")
         rows.append(
             {
                 "epoch": epoch + 1,
                 "lr": base.param_groups[0]["lr"],
                 "train_loss": loss_sum / seen,
+                "train_acc": correct / seen,
                 "test_loss": test["loss"],
                 "test_top1": test["top1"],
                 "test_top5": test["top5"],
@@ -314,15 +423,20 @@ def train(cfg: TrainConfig, data: ClassificationData | None = None) -> dict[str,
                 "rows": rows,
                 "config": asdict(cfg),
             },
-            out / CHECKPOINT,
+            folder / CHECKPOINT,
         )
-    with open(out / "log.csv", "w", newline="") as f:
+    with open(folder / "log.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    save_atomic({"model": model.state_dict(), "config": asdict(cfg)}, out / "model.pt")
-    (out / CHECKPOINT).unlink(missing_ok=True)
-    return {"final": rows[-1], "rows": rows}
+    save_atomic({"model": model.state_dict(), "config": asdict(cfg)}, folder / FINISHED)
+    (folder / CHECKPOINT).unlink(missing_ok=True)
+    final = rows[-1]
+    LOGGER.info(
+        f"Final ({folder / FINISHED}): test top-1 {final['test_top1']:.4f}  top-5 {final['test_top5']:.4f}  "
+        f"loss {final['test_loss']:.4f}  last-layer norm {final['last_norm']:.4f}, {final['seconds']:.0f} s"
+    )
+    return {"final": final, "rows": rows, "save_dir": folder}
 
 
 def _keep_log_until(path: Path, epochs: int) -> None:
@@ -343,7 +457,7 @@ def shift_classifier(model: nn.Module, data: ClassificationData, cfg: TrainConfi
     """Post-hoc shift of a trained model's final linear layer: top-1/top-5 before and after (Table 2)."""
     device = torch.device(cfg.device)
     model.to(device)
-    before = evaluate(model, data.test, device)
+    before = evaluate(model, data.test, device, eval_batch(cfg))
     report = sos_step(model, data.plain_train, cfg, device, cfg.seed)
-    after = evaluate(model, data.test, device)
+    after = evaluate(model, data.test, device, eval_batch(cfg))
     return {"before": before, "after": after, "report": report}

@@ -8,33 +8,10 @@ from typing import Any
 
 import torch
 
-from sos_detect.detect.heads import detect_head
+from sos_detect.checkpoints import load_detector
 from sos_detect.detect.shifting import build_capture_set, shift_detector
 from sos_detect.files import save_atomic
 from sos_detect.layers import ShiftReport
-
-
-def load_detector_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A checkpoint dict whose 'ema' or 'model' is a YOLO detection model; errors name the file."""
-    from ultralytics.utils.patches import torch_load
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint not found")
-    try:
-        ckpt = torch_load(path, map_location="cpu")
-    except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad file
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: {err})") from err
-    models = [ckpt.get(k) for k in ("ema", "model")] if isinstance(ckpt, dict) else []
-    if not any(isinstance(m, torch.nn.Module) for m in models):
-        raise ValueError(f"{path}: no 'ema' or 'model' network in the checkpoint")
-    for m in models:
-        if isinstance(m, torch.nn.Module):
-            try:
-                detect_head(m)
-            except TypeError as err:
-                raise TypeError(f"{path}: {err}") from err
-    return ckpt
 
 
 def working_copy(stored: torch.nn.Module, device: torch.device, **overrides: Any) -> torch.nn.Module:
@@ -68,6 +45,7 @@ def shift_checkpoint(
     images: int = 64,
     heads: str = "box,cls",
     loss_tol: float | None = None,
+    max_change: float | None = 0.05,
     imgsz: int = 640,
     batch: int = 16,
     device: str | torch.device = "cpu",
@@ -78,7 +56,7 @@ def shift_checkpoint(
     Returns the reports per stored network ('ema' and/or 'model') and the written path (None when a
     shift was rolled back, in which case nothing is written).
     """
-    ckpt = load_detector_checkpoint(weights)
+    ckpt = load_detector(weights)
     device = torch.device(device)
     out = Path(out)
     new = dict(ckpt)
@@ -92,7 +70,16 @@ def shift_checkpoint(
         capture = capture or capture_set_for(model, data)
         batches = capture.sample(images, seed)
         reports[key] = shift_detector(
-            model, batches, device=device, heads=heads, mode=mode, tau=tau, rows=rows, loss_tol=loss_tol, seed=seed
+            model,
+            batches,
+            device=device,
+            heads=heads,
+            mode=mode,
+            tau=tau,
+            rows=rows,
+            loss_tol=loss_tol,
+            max_change=max_change,
+            seed=seed,
         )
         model.args = dict(vars(model.args))
         model.criterion = None

@@ -1,11 +1,16 @@
-"""Dataset YAML resolution and a strict pre-flight check of YOLO label files."""
+"""Dataset YAML resolution (paths, `voc.yaml`, Ultralytics' dataset names) and a strict pre-flight check of
+every image and YOLO label file. Errors are one line naming the file, or the option as typed."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from sos_detect.detect.embedded import EMBEDDED_YAML
+from sos_detect.detect.embedded import EMBEDDED_YAML, REPO_ROOT
+
+VOC_NAMES = ("voc", "voc.yaml", "voc.yml")  # as typed, any case: the converted PASCAL VOC
+VOC_CONVERTED = Path("datasets") / "voc"  # `sos-detect data voc`'s default --out, relative to the working folder
+VOC_CONFIG = REPO_ROOT / "configs" / "voc.yaml"  # the same layout seen from the source checkout
 
 
 class DataError(ValueError):
@@ -26,16 +31,59 @@ def image_files(source: str | list[str]) -> list[Path]:
                 line = line.strip()
                 if line:
                     files.append((parent / line).resolve() if line.startswith("./") else Path(line))
+        elif p.is_file():
+            raise DataError(f"{p}: is a file, not an image folder or a .txt list of images")
         else:
             raise DataError(f"{p}: image folder or list not found")
     return files
 
 
-def check_labels(data: dict[str, Any], splits: tuple[str, ...] = ("train", "val")) -> int:
-    """Every label line must be `cls xc yc w h` with a known class and coordinates in [0, 1]; returns #labels.
+def check_images(images: list[Path], split: str) -> None:
+    """Every image must open (PIL reads its header) and be at least 10 px wide and high; Ultralytics would skip it
+    as 'corrupt' with a cryptic reason, and fail with a traceback when none is left."""
+    from PIL import Image, UnidentifiedImageError
 
-    Ultralytics would silently drop such files as 'corrupt'; here they are an error naming file and line.
-    """
+    bad: list[tuple[Path, str]] = []
+    for f in images:
+        try:
+            with Image.open(f) as im:
+                if min(im.size) < 10:  # Ultralytics' verify_image_label drops these
+                    bad.append((f, f"image size {im.size[0]}x{im.size[1]} is below Ultralytics' 10-pixel minimum"))
+        except FileNotFoundError:
+            bad.append((f, "listed but not on disk"))
+        except (UnidentifiedImageError, ImportError) as err:  # ImportError: Ultralytics' HEIF opener tried pi_heif
+            heif = isinstance(err, ImportError) and f.suffix.lower() in (".heic", ".heif")
+            bad.append((f, f"HEIF image, needs {err.name}" if heif else "not a readable image (no known image format)"))
+        except Exception as err:  # noqa: BLE001 - PIL raises several types for damaged files
+            bad.append((f, f"not a readable image ({type(err).__name__}: {str(err).splitlines()[0]})"))
+    if bad:
+        raise DataError(f"{bad[0][0]}: {bad[0][1]} ({len(bad)} of {len(images)} '{split}' images unreadable)")
+
+
+def _check_label_file(label: Path, nc: int) -> int:
+    checked = 0
+    for n, line in enumerate(label.read_text().splitlines(), 1):
+        parts = line.split()
+        if not parts:
+            continue
+        try:
+            cls, *coords = (float(x) for x in parts)
+        except ValueError:
+            raise DataError(f"{label}:{n}: non-numeric label line {line!r}") from None
+        if len(coords) != 4:
+            raise DataError(f"{label}:{n}: expected 'class xc yc w h', got {len(parts)} values")
+        if cls != int(cls) or not 0 <= cls < nc:
+            raise DataError(f"{label}:{n}: class {parts[0]} outside 0..{nc - 1}")
+        if not all(0.0 <= c <= 1.0 for c in coords):
+            raise DataError(f"{label}:{n}: coordinates {coords} not normalised to [0, 1]")
+        checked += 1
+    return checked
+
+
+def check_labels(data: dict[str, Any], splits: tuple[str, ...] = ("train", "val")) -> int:
+    """Every image readable and every label line `cls xc yc w h` with a known class and coordinates in [0, 1];
+    returns the number of labels. Ultralytics would silently drop such files as 'corrupt'; here they are an
+    error naming file and line."""
     from ultralytics.data.utils import img2label_paths
 
     nc, checked = int(data["nc"]), 0
@@ -45,38 +93,108 @@ def check_labels(data: dict[str, Any], splits: tuple[str, ...] = ("train", "val"
         images = image_files(data[split])
         if not images:
             raise DataError(f"{data[split]}: no images for split '{split}'")
+        check_images(images, split)
         for label in map(Path, img2label_paths([str(f) for f in images])):
-            if not label.exists():
-                continue  # an image without labels is a background image
-            for n, line in enumerate(label.read_text().splitlines(), 1):
-                parts = line.split()
-                if not parts:
-                    continue
-                try:
-                    cls, *coords = (float(x) for x in parts)
-                except ValueError:
-                    raise DataError(f"{label}:{n}: non-numeric label line {line!r}") from None
-                if len(coords) != 4:
-                    raise DataError(f"{label}:{n}: expected 'class xc yc w h', got {len(parts)} values")
-                if cls != int(cls) or not 0 <= cls < nc:
-                    raise DataError(f"{label}:{n}: class {parts[0]} outside 0..{nc - 1}")
-                if not all(0.0 <= c <= 1.0 for c in coords):
-                    raise DataError(f"{label}:{n}: coordinates {coords} not normalised to [0, 1]")
-                checked += 1
+            if label.exists():  # an image without labels is a background image
+                checked += _check_label_file(label, nc)
     return checked
 
 
-def load_data(path: str | Path | None) -> tuple[str, dict[str, Any]]:
-    """(yaml path, Ultralytics data dict) for `path` (default: the embedded tree dataset), checked."""
+def _read_yaml(yaml_path: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        raw = yaml.safe_load(yaml_path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise DataError(f"{yaml_path}: not a readable YAML file ({str(err).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise DataError(f"{yaml_path}: not a data YAML (no train:/val: keys)")
+    return raw
+
+
+def _missing_images(yaml_path: Path, raw: dict[str, Any]) -> tuple[str, Path] | None:
+    """('images not found: …', the path) for the first train/val path that does not exist (resolved as
+    Ultralytics' `check_det_dataset` resolves it), else None."""
+    from ultralytics.utils import DATASETS_DIR
+
+    root = Path(raw.get("path") or yaml_path.parent)
+    if not root.exists() and not root.is_absolute():
+        root = DATASETS_DIR / root
+    for split in ("train", "val"):
+        entries = raw.get(split)
+        for entry in entries if isinstance(entries, list) else [entries] if entries else []:
+            first = (root / str(entry)).resolve()
+            alt = (root / str(entry)[3:]).resolve() if str(entry).startswith("../") else first
+            if not first.exists() and not alt.exists():
+                return f"images not found: {split}: {entry} is {first}, which does not exist", first
+    return None
+
+
+def _voc_hint(out: Path) -> str:
+    """The conversion command that writes the VOC dataset at `out` (relative to the working folder if inside)."""
+    out = out.absolute()
+    shown = out.relative_to(Path.cwd()) if out.is_relative_to(Path.cwd()) else out
+    return f"run `sos-detect data voc --root /path/to/VOCdevkit --out {shown}` first"
+
+
+def _voc_yaml(typed: str) -> Path:
+    """The converted VOC: `datasets/voc/voc.yaml` in the working folder, else the checkout's configs/voc.yaml."""
+    for candidate in (VOC_CONVERTED / "voc.yaml", VOC_CONFIG):
+        if candidate.is_file() and _missing_images(candidate, _read_yaml(candidate)) is None:
+            return candidate
+    looked = VOC_CONVERTED / "images" / "train"
+    raise DataError(f"{typed}: no converted PASCAL VOC here ({looked} not found); {_voc_hint(VOC_CONVERTED)}")
+
+
+def resolve_data(path: str | Path | None, typed: str | None = None) -> Path:
+    """The data YAML for `path`: a file as given, the converted VOC for `voc.yaml`, Ultralytics' own dataset
+    YAMLs by name (`coco8.yaml`), and the embedded tree dataset for None. `typed` names the option in errors."""
+    from ultralytics.utils.checks import check_file
+
+    typed = typed or f"{path}"
+    if path is None:
+        if not EMBEDDED_YAML.is_file():
+            raise DataError(f"{EMBEDDED_YAML}: data YAML not found (the embedded dataset lives in the source checkout)")
+        return EMBEDDED_YAML
+    p = Path(path)
+    if p.is_file():
+        return p
+    if p.is_dir():
+        raise DataError(f"{typed}: is a folder; pass its data YAML")
+    if len(p.parts) == 1 and p.name.lower() in VOC_NAMES:
+        return _voc_yaml(typed)
+    if len(p.parts) == 1 and p.suffix in (".yaml", ".yml", ""):
+        name = p.name if p.suffix else f"{p.name}.yaml"
+        found = check_file(name, hard=False)
+        if found and Path(found).is_file():
+            return Path(found)
+    raise DataError(f"{typed}: data YAML not found")
+
+
+def load_data(path: str | Path | None, typed: str | None = None) -> tuple[str, dict[str, Any]]:
+    """(absolute yaml path, Ultralytics data dict) for `path` (see `resolve_data`), every image and label checked.
+
+    Images that are missing are one line naming the path Ultralytics would look at; Ultralytics' own datasets are
+    downloaded only where the user allowed downloads (YOLO_OFFLINE unset or false)."""
     from ultralytics.data.utils import check_det_dataset
 
-    yaml_path = Path(path) if path else EMBEDDED_YAML
-    if not yaml_path.is_file():
-        hint = "" if path else " (the embedded dataset lives in the source checkout; pass --data)"
-        raise DataError(f"{yaml_path}: data YAML not found{hint}")
+    from sos_detect.runtime import downloads_allowed
+
+    typed = typed or f"{path if path is not None else EMBEDDED_YAML}"
+    yaml_path = resolve_data(path, typed).resolve()
+    raw = _read_yaml(yaml_path)
+    missing = _missing_images(yaml_path, raw)
+    if missing and not (raw.get("download") and downloads_allowed()):
+        shown = typed if path is None or Path(path).resolve() == yaml_path else f"{typed} ({yaml_path})"
+        message, where = missing
+        if yaml_path.name.lower() == "voc.yaml":  # images/<split> of the converted VOC
+            message += f"; {_voc_hint(where.parent.parent)}"
+        elif raw.get("download"):
+            message += "; Ultralytics would download it, but downloads are off (YOLO_OFFLINE=1, see the README)"
+        raise DataError(f"{shown}: {message}")
     try:
-        data = check_det_dataset(str(yaml_path), autodownload=False)
-    except (FileNotFoundError, SyntaxError, KeyError, ValueError) as err:
-        raise DataError(f"{yaml_path}: {str(err).splitlines()[0]}") from err
+        data = check_det_dataset(str(yaml_path), autodownload=downloads_allowed())
+    except (FileNotFoundError, SyntaxError, KeyError, ValueError, TypeError) as err:
+        raise DataError(f"{typed}: {str(err).splitlines()[0]}") from err
     check_labels(data)
     return str(yaml_path), data

@@ -93,7 +93,8 @@ def load_ground_truth(image_files: list[Path], difficult_file: Path | None = Non
     for img, label in zip(image_files, img2label_paths([str(f) for f in image_files]), strict=True):
         with Image.open(img) as im:
             w, h = im.size
-        rows = np.loadtxt(label, ndmin=2).reshape(-1, 5) if Path(label).is_file() else np.zeros((0, 5))
+        text = Path(label).read_text() if Path(label).is_file() else ""
+        rows = np.array([line.split() for line in text.splitlines() if line.strip()], float).reshape(-1, 5)
         xc, yc, bw, bh = rows[:, 1] * w, rows[:, 2] * h, rows[:, 3] * w, rows[:, 4] * h
         boxes = np.stack([xc - bw / 2, yc - bh / 2, xc + bw / 2, yc + bh / 2], 1)
         cls = rows[:, 0].astype(int)

@@ -1,5 +1,5 @@
-"""Run plots in the spirit of the paper's figures: Hessian trace (Figs 3/5), head norm (Fig 4), shift loss,
-top eigenvalues before/after a shift (Fig 2)."""
+"""Run plots in the spirit of the paper's figures: Hessian trace (Figs 3/5), head norm (Fig 4), the loss change
+at each shift, top eigenvalues before/after a shift (Fig 2); readers of a run's results.csv and shift log."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def head_norm(model: nn.Module) -> float:
     return math.sqrt(sum(float(m.weight.detach().float().norm()) ** 2 for m in detect_head_layers(model).values()))
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -27,60 +27,113 @@ def _pyplot():
     return plt
 
 
-def _column(rows: list[dict[str, str]], name: str) -> list[float]:
-    key = next((k for k in rows[0] if k.strip() == name), None) if rows else None
-    return [float(r[key]) for r in rows] if key else []
+def read_results(run_dir: str | Path) -> dict[str, list[float]]:
+    """The columns of a run's results.csv (names stripped of padding) as floats; {} when there is none."""
+    path = Path(run_dir) / "results.csv"
+    rows = list(csv.DictReader(path.read_text().splitlines())) if path.is_file() else []
+    return {k.strip(): [float(r[k]) for r in rows] for k in (rows[0] if rows else ())}
+
+
+def shift_epochs(run_dir: str | Path) -> list[int]:
+    """1-based epochs whose validation followed an applied shift: from sos_log.jsonl (the model's entries),
+    else from the `sos/shifted` column of results.csv."""
+    log = Path(run_dir) / "sos_log.jsonl"
+    if log.is_file():
+        entries = [json.loads(x) for x in log.read_text().splitlines() if x.strip()]
+        return sorted({int(e["epoch"]) for e in entries if e.get("target") == "model" and e.get("applied", True)})
+    cols = read_results(run_dir)
+    return [int(e) for e, s in zip(cols.get("epoch", []), cols.get("sos/shifted", []), strict=False) if s > 0]
+
+
+def trace_columns(columns: dict[str, list[float]]) -> list[str]:
+    """The logged Hessian-trace columns (`sos/trace_X`, not their `_se` companions) holding any value."""
+    return [
+        k
+        for k, v in columns.items()
+        if k.startswith("sos/trace_") and not k.endswith("_se") and any(not math.isnan(x) for x in v)
+    ]
+
+
+def trace_label(column: str) -> str:
+    part = column.removeprefix("sos/trace_")
+    return {"head": "head output convs", "all": "whole model"}.get(part, part)
 
 
 def plot_run(save_dir: str | Path) -> list[Path]:
     """Write sos_trace.png, sos_head_norm.png and sos_shift_loss.png where the run logged the data."""
     save_dir = Path(save_dir)
     written: list[Path] = []
-    csv_path = save_dir / "results.csv"
-    rows = list(csv.DictReader(csv_path.read_text().splitlines())) if csv_path.is_file() else []
-    plt = _pyplot()
-    epochs = _column(rows, "epoch")
-    traces = {k: _column(rows, f"sos/trace_{k}") for k in ("head", "all")}
-    if any(not math.isnan(v) for vals in traces.values() for v in vals):
-        fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
-        for ax, (k, vals) in zip(axes, traces.items(), strict=True):
-            pts = [(e, v) for e, v in zip(epochs, vals, strict=True) if not math.isnan(v)]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o")
-            ax.set(title=f"Hessian trace ({'head convs' if k == 'head' else 'whole model'})", xlabel="epoch")
-        written.append(_save(fig, save_dir / "sos_trace.png", plt))
-    norms = _column(rows, "sos/head_norm")
-    if norms and any(not math.isnan(v) for v in norms):
-        fig, ax = plt.subplots(figsize=(4.5, 3.2))
-        ax.plot(epochs, norms, marker="o")
-        ax.set(title="head output-conv weight norm (EMA)", xlabel="epoch", ylabel="‖W‖_F")
-        written.append(_save(fig, save_dir / "sos_head_norm.png", plt))
+    cols = read_results(save_dir)
+    plt = pyplot()
+    epochs = cols.get("epoch", [])
+    traces = trace_columns(cols)
+    if traces:
+        fig, axes = plt.subplots(1, len(traces), figsize=(4.2 * len(traces), 3.4), squeeze=False)
+        for ax, key in zip(axes[0], traces, strict=True):
+            se = cols.get(f"{key}_se", [math.nan] * len(epochs))
+            pts = [(e, v, s) for e, v, s in zip(epochs, cols[key], se, strict=True) if not math.isnan(v)]
+            err = [0.0 if math.isnan(p[2]) else p[2] for p in pts]
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=err, marker="o", ms=4, capsize=3)
+            ax.set(title=f"Hessian trace, {trace_label(key)} (EMA)", xlabel="epoch", ylabel="tr(H) ± std. error")
+        written.append(save_figure(fig, save_dir / "sos_trace.png", plt))
+    norms = cols.get("sos/head_norm", [])
+    if any(not math.isnan(v) for v in norms):
+        fig, ax = plt.subplots(figsize=(4.5, 3.4))
+        ax.plot(epochs, norms, marker="o", ms=4, color="C0")
+        shifted = set(shift_epochs(save_dir))
+        marks = [(e, v) for e, v in zip(epochs, norms, strict=True) if int(e) in shifted]
+        if marks:
+            ax.plot(*zip(*marks, strict=True), "v", color="C3", ms=6, label="after a shift")
+            ax.legend()
+        ax.set(title="head output-conv weight norm (EMA)", xlabel="epoch", ylabel="‖W‖ (Frobenius)")
+        written.append(save_figure(fig, save_dir / "sos_head_norm.png", plt))
     log = save_dir / "sos_log.jsonl"
-    entries = [json.loads(x) for x in log.read_text().splitlines()] if log.is_file() else []
-    shifts = [e for e in entries if e.get("loss_before") is not None and e["target"] == "model"]
-    if shifts:
-        fig, ax = plt.subplots(figsize=(4.5, 3.2))
-        ax.plot([e["epoch"] for e in shifts], [e["loss_before"] for e in shifts], marker="o", label="before shift")
-        ax.plot([e["epoch"] for e in shifts], [e["loss_after"] for e in shifts], marker="x", label="after shift")
-        ax.set(title="capture-set loss at each shift", xlabel="epoch", ylabel="loss per image")
-        ax.legend()
-        written.append(_save(fig, save_dir / "sos_shift_loss.png", plt))
+    entries = [json.loads(x) for x in log.read_text().splitlines() if x.strip()] if log.is_file() else []
+    measured = [e for e in entries if e.get("loss_before") is not None and e.get("loss_after") is not None]
+    if measured:
+        fig, ax = plt.subplots(figsize=(4.8, 3.4))
+        for i, target in enumerate(dict.fromkeys(e["target"] for e in measured)):
+            pts = [
+                (e["epoch"], relative_change(e["loss_before"], e["loss_after"]))
+                for e in measured
+                if e["target"] == target
+            ]
+            ax.plot(*zip(*pts, strict=True), marker="ox"[i % 2], ms=5, label=target)
+        ax.axhline(0.0, color="0.5", lw=0.8)
+        ax.set(
+            title="capture-set loss change at each shift",
+            xlabel="epoch",
+            ylabel="(after − before) / before",
+        )
+        ax.legend(title="shifted network")
+        written.append(save_figure(fig, save_dir / "sos_shift_loss.png", plt))
     return written
+
+
+def relative_change(before: float, after: float) -> float:
+    return (after - before) / before if before else math.nan
 
 
 def plot_eigenvalues(before: list[float], after: list[float], path: str | Path) -> Path:
     """Fig 2: the top Hessian eigenvalues before and after a shift."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
     idx = range(1, len(before) + 1)
     ax.bar([i - 0.2 for i in idx], before, width=0.4, label="before SOS")
     ax.bar([i + 0.2 for i in idx], after, width=0.4, label="after SOS")
     ax.set(title="top Hessian eigenvalues", xlabel="rank", ylabel="eigenvalue", xticks=list(idx))
     ax.legend()
-    return _save(fig, Path(path), plt)
+    return save_figure(fig, Path(path), plt)
 
 
-def _save(fig, path: Path, plt) -> Path:
-    fig.tight_layout()
+def save_figure(fig, path: Path, plt, rect: tuple[float, float, float, float] | None = None) -> Path:
+    """Integer epoch ticks on every axis labelled 'epoch', tight layout inside `rect`, 120 dpi."""
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in fig.axes:
+        if ax.get_xlabel() == "epoch":
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    fig.tight_layout(rect=rect)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

@@ -21,7 +21,7 @@ from ultralytics.utils import DEFAULT_CFG, LOGGER, RANK, IterableSimpleNamespace
 from ultralytics.utils.torch_utils import unwrap_model
 
 from sos_detect.detect.flatness import detector_traces
-from sos_detect.detect.heads import detect_head_layers, parse_heads
+from sos_detect.detect.heads import detect_head_layers
 from sos_detect.detect.plots import head_norm, plot_run
 from sos_detect.detect.shifting import (
     CaptureSet,
@@ -31,42 +31,8 @@ from sos_detect.detect.shifting import (
     shift_detector,
     shift_from_training,
 )
-from sos_detect.layers import GramCapture, ShiftReport, as_v, check_shift_options
-
-SOS_DEFAULTS: dict[str, Any] = {
-    "sos": True,  # shift at all (False: a baseline run that differs only in SOS)
-    "sos_mode": "guarded",  # guarded (output-change budget τ) | paper (τ = 0 on sos_rows sampled rows)
-    "sos_tau": 1e-4,  # guarded budget: ‖A(V'−V)‖ ≤ τ‖AV‖ on the captured rows
-    "sos_rows": None,  # paper mode: rows b sampled per layer (b < layer width)
-    "sos_capture": "train",  # train: Grams from the last training passes before a shift; eval: separate eval passes
-    "sos_images": 64,  # images captured per shift (train: the epoch's last ones, augmented; eval: letterboxed)
-    "sos_every": 1,  # shift every this many epochs
-    "sos_start": None,  # 0-based first epoch after which a shift may happen (default: ceil(warmup_epochs))
-    "sos_final": True,  # shift after the final epoch too, before the last validation and checkpoint
-    "sos_heads": "box,cls",  # which head convs: box (cv2[i][-1]), cls (cv3[i][-1])
-    "sos_max_change": 0.05,  # roll back a shift that changes any head's outputs on the captured rows by more
-    "sos_loss_tol": None,  # roll back a shift whose capture-set loss rises by more than this fraction
-    "sos_hessian_every": 0,  # log the EMA's Hessian trace (head, whole model) every N epochs; 0 = off
-    "sos_hessian_images": 8,  # training images in the Hessian's loss batch (fixed across epochs)
-    "sos_hessian_probes": 32,  # Hessian-vector products at most per Hutch++ estimate (stops earlier at 5 % stderr)
-}
-CAPTURES = ("train", "eval")
-
-
-def check_sos_args(args: Any) -> None:
-    """Validate the sos_* options in an args namespace; errors name the option."""
-    for key in ("sos_images", "sos_every", "sos_hessian_images", "sos_hessian_probes"):
-        value = getattr(args, key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{key} must be a positive integer, got {value!r}")
-    if not isinstance(args.sos_hessian_every, int) or args.sos_hessian_every < 0:
-        raise ValueError(f"sos_hessian_every must be an integer >= 0, got {args.sos_hessian_every!r}")
-    if args.sos_start is not None and (not isinstance(args.sos_start, int) or args.sos_start < 0):
-        raise ValueError(f"sos_start must be an integer >= 0, got {args.sos_start!r}")
-    if args.sos_capture not in CAPTURES:
-        raise ValueError(f"sos_capture must be one of {CAPTURES}, got {args.sos_capture!r}")
-    parse_heads(args.sos_heads)
-    check_shift_options(args.sos_mode, args.sos_tau, args.sos_rows, args.sos_loss_tol, prefix="sos_")
+from sos_detect.layers import GramCapture, ShiftReport, as_v
+from sos_detect.options import SOS_DEFAULTS, check_sos_args
 
 
 class SOSDetectionTrainer(DetectionTrainer):

@@ -13,6 +13,8 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ultralytics.utils import TQDM
+
 from sos_detect.detect.voc_xml import VocXmlError, parse_voc_xml, voc_to_yolo
 from sos_detect.runtime import available_cores
 
@@ -66,6 +68,8 @@ def _convert_one(task: tuple[str, str, str, str]) -> tuple[str, list[str], list[
     anomalies: list[str] = []
     if not Path(img_path).is_file():
         return stem, [], [], [f"missing image: {img_path}: listed in ImageSets but not on disk"], None
+    if not Path(xml_path).is_file():
+        return stem, [], [], [f"missing XML: {xml_path}: listed in ImageSets but not on disk"], None
     try:
         ann = parse_voc_xml(xml_path)
     except (VocXmlError, OSError) as err:
@@ -145,7 +149,8 @@ def convert_voc(root: str | Path, out: str | Path, workers: int | None = None) -
         summary.objects[split] = Counter()
         difficult_map = {}
         with ProcessPoolExecutor(max_workers=workers) as pool:
-            for stem, lines, difficult, anomalies, img_path in pool.map(_convert_one, items, chunksize=64):
+            results = TQDM(pool.map(_convert_one, items, chunksize=64), total=len(items), desc=f"VOC {split}")
+            for stem, lines, difficult, anomalies, img_path in results:
                 summary.anomalies += anomalies
                 if img_path is None:
                     continue

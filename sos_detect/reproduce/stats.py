@@ -44,39 +44,53 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def t_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float]:
-    """Mean and the two-sided Student-t interval mean ± t_{(1+c)/2, n−1}·s/√n (NaN bounds for fewer than 2)."""
-    mean, std = mean_std(values)
-    n = sum(1 for v in values if v is not None and not math.isnan(float(v)))
-    if n < 2:
-        return mean, math.nan, math.nan
-    half = _t_quantile(confidence, n - 1) * std / math.sqrt(n)
-    return mean, mean - half, mean + half
-
-
-def _t_quantile(confidence: float, df: int) -> float:
-    """t with P(|T| ≤ t) = confidence for Student's t with integer df, by bisection on the exact CDF."""
-    lo, hi = 0.0, 1.0
-    while _t_central(hi, df) < confidence:
-        hi *= 2.0
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if _t_central(mid, df) < confidence else (lo, mid)
-    return 0.5 * (lo + hi)
-
-
-def _t_central(t: float, df: int) -> float:
-    """P(|T| ≤ t) in closed form for integer df (Abramowitz & Stegun 26.7.3–4), θ = arctan(t/√df)."""
+def _t_two_sided_mass(t: float, df: int) -> float:
+    """P(|T| ≤ t) for Student's t with integer df, in closed form (Abramowitz & Stegun 26.7.3–4):
+    with θ = atan(t/√df) and c = cos²θ, odd df: (2/π)(θ + sinθ cosθ Σ_k a_k c^k), a_0 = 1, a_k = a_{k−1}·2k/(2k+1);
+    even df: sinθ Σ_k b_k c^k, b_0 = 1, b_k = b_{k−1}(2k−1)/(2k); sums over k < (df−1)/2 resp. k < df/2."""
     theta = math.atan(t / math.sqrt(df))
-    s, c2 = math.sin(theta), math.cos(theta) ** 2
-    if df % 2:  # θ + sinθ·(cosθ + (2/3)cos³θ + … up to cos^{df−2}θ), times 2/π
-        term, total = math.cos(theta), 0.0
-        for k in range(1, df - 1, 2):
+    c, s = math.cos(theta) ** 2, math.sin(theta)
+    if df % 2:
+        term = total = 1.0 if df > 1 else 0.0
+        for k in range(1, (df - 1) // 2):
+            term *= c * 2 * k / (2 * k + 1)
             total += term
-            term *= c2 * (k + 1) / (k + 2)
-        return 2.0 / math.pi * (theta + s * total)
-    term, total = 1.0, 0.0  # sinθ·(1 + (1/2)cos²θ + (1·3)/(2·4)cos⁴θ + … up to cos^{df−2}θ)
-    for k in range(0, df - 1, 2):
+        return 2 / math.pi * (theta + s * math.cos(theta) * total)
+    term = total = 1.0
+    for k in range(1, df // 2):
+        term *= c * (2 * k - 1) / (2 * k)
         total += term
-        term *= c2 * (k + 1) / (k + 2)
     return s * total
+
+
+def t_quantile(level: float, df: int) -> float:
+    """t with P(|T| ≤ t) = level for Student's t with df degrees of freedom (bisection on the closed form)."""
+    lo, hi = 0.0, 1.0
+    while _t_two_sided_mass(hi, df) < level:
+        hi *= 2
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _t_two_sided_mass(mid, df) < level else (lo, mid)
+    return (lo + hi) / 2
+
+
+def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
+    """Two-sided `level` confidence interval of the mean: x̄ ± t_{(1+level)/2, n−1} · s/√n (NaN for n < 2)."""
+    vals = [float(v) for v in values if not math.isnan(float(v))]
+    if len(vals) < 2:
+        return math.nan, math.nan
+    mean, sd = mean_std(vals)
+    half = t_quantile(level, len(vals) - 1) * sd / math.sqrt(len(vals))
+    return mean - half, mean + half
+
+
+def sign_test(values: Sequence[float]) -> tuple[int, int, float]:
+    """Exact two-sided sign test of median 0: (#positive, #negative, p), zeros dropped;
+    p = min(1, 2 · P(X ≤ min(n₊, n₋))) for X ~ Binomial(n₊ + n₋, 1/2)."""
+    pos = sum(1 for v in values if v > 0)
+    neg = sum(1 for v in values if v < 0)
+    n = pos + neg
+    if n == 0:
+        return 0, 0, 1.0
+    tail = sum(math.comb(n, k) for k in range(min(pos, neg) + 1)) / 2**n
+    return pos, neg, min(1.0, 2 * tail)

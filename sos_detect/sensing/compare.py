@@ -178,7 +178,8 @@ def _paired(runs: dict[int, dict], baseline: dict[int, dict]) -> dict[str, float
     out: dict[str, float] = {}
     for k in PAIRED:
         diffs = [runs[s][k] - baseline[s][k] for s in sorted(runs) if s in baseline]
-        out[f"d_{k}_mean"], out[f"d_{k}_lo"], out[f"d_{k}_hi"] = t_interval(diffs)
+        out[f"d_{k}_mean"] = mean_std(diffs)[0]
+        out[f"d_{k}_lo"], out[f"d_{k}_hi"] = t_interval(diffs)
         out[f"d_{k}_lower"] = sum(d < 0 for d in diffs)
     return out
 

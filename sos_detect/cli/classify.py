@@ -1,0 +1,147 @@
+"""Classification commands: classify train, classify shift (SGD / SAM / NSO with and without SOS).
+
+Options left out are None here: TrainConfig's defaults (or, with --resume, the run's own settings) apply.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from sos_detect.cli.options import command, resolve_device, torch_device
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    c = sub.add_parser("classify", help="classification companion: SGD/SAM/NSO with and without SOS")
+    csub = c.add_subparsers(dest="action", required=True, metavar="ACTION")
+    ct = command(
+        csub,
+        "train",
+        cmd_classify_train,
+        help="train a classifier (Algorithm 1 with --sos)",
+        description="Runs go to PROJECT/NAME (runs/classify/train, then train-2, train-3, …); a finished run "
+        "(model.pt) is never overwritten. Every epoch shows a progress bar (loss, accuracy) and a test line. "
+        "An interrupted run keeps last.pt: --resume continues the latest unfinished run of --project/--name with "
+        "its own settings (bit-identical to an uninterrupted run); --resume RUN continues that folder.",
+    )
+    cs = command(
+        csub, "shift", cmd_classify_shift, help="post-hoc shift of a trained classifier: top-1/top-5 before and after"
+    )
+    for p in (ct, cs):
+        _common_flags(p)
+    _train_flags(ct)
+
+
+def _common_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        help="resnet18 (default), resnet50, vgg16_bn, densenet201 (CIFAR stems), resnet50_imagenet, "
+        "shufflenet_v2_x1_0, resnext50_32x4d, smallcnn, mlp",
+    )
+    p.add_argument("--data", help="cifar100 (default), cifar10, imagefolder, fashion-mnist, digits")
+    p.add_argument(
+        "--root",
+        help="dataset root (the folder holding cifar-10-batches-py/ or cifar-100-python/; ImageFolder with "
+        "train/ and val/; Fashion-MNIST IDX folder, default /usr/share/datasets/fashion-mnist)",
+    )
+    p.add_argument(
+        "--imgsz",
+        type=int,
+        help="image side; default 224 for the ImageNet models, else the images' own size (digits 8, "
+        "Fashion-MNIST 28, CIFAR 32, an ImageFolder's first image) up to 64. ImageFolder at ≤ 64: resize, "
+        "padded random crop + flip; above: RandomResizedCrop + flip, evaluation Resize(imgsz/0.875) + CenterCrop",
+    )
+    p.add_argument("--batch", type=int, help="batch size (default 64); evaluation and SOS capture use twice it")
+    p.add_argument("--weights", help="local weights file (state dict); never downloaded")
+    p.add_argument("--seed", type=int, help="random seed (default 0)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--sos-mode", help="paper (default): τ = 0 on --sos-batch samples; guarded: budget τ")
+    p.add_argument("--sos-batch", type=int, help="b, samples per paper-mode shift (default 300)")
+    p.add_argument("--sos-tau", type=float, help="guarded mode's output-change budget (default 1e-4)")
+    p.add_argument("--sos-samples", type=int, help="guarded mode: samples captured per shift (default 2048)")
+    p.add_argument("--train-subset", type=int, help="use this many training samples")
+    p.add_argument("--test-subset", type=int, help="use this many test samples")
+
+
+def _train_flags(ct: argparse.ArgumentParser) -> None:
+    ct.add_argument("--optimizer", help="sgd (default; Nesterov 0.9), sam, nso")
+    ct.add_argument(
+        "--sos",
+        action=argparse.BooleanOptionalAction,
+        help="shift during training; off by default here (Algorithm 1 is opt-in), on by default in sos-detect train",
+    )
+    ct.add_argument("--sos-every", type=int, help="shift every N epochs (default 1)")
+    ct.add_argument("--epochs", type=int, help="epochs (default 200)")
+    ct.add_argument("--lr", type=float, help="learning rate (default 0.1)")
+    ct.add_argument("--weight-decay", type=float, help="weight decay (default 5e-4)")
+    ct.add_argument("--schedule", help="step (default; ÷10 at 50 %% and 75 %%) or cosine")
+    ct.add_argument("--rho", type=float, help="SAM radius (default 0.05)")
+    ct.add_argument("--adaptive", action="store_true", default=None, help="ASAM")
+    ct.add_argument("--sigma", type=float, help="NSO noise standard deviation (default 0.01)")
+    ct.add_argument("--nso-perturbations", type=int, help="NSO: perturbation pairs ±U per step (default 1)")
+    ct.add_argument("--mixup", type=float, help="Mixup Beta(α, α); 0 = off (default)")
+    ct.add_argument("--amp", action="store_true", default=None, help="bf16 autocast on CUDA")
+    ct.add_argument("--workers", type=int, help="data loader worker processes (default 0)")
+    ct.add_argument("--project", help="output root (default runs/classify)")
+    ct.add_argument("--name", help="run name (default train; auto-incremented: train-2, train-3, …)")
+    ct.add_argument(
+        "--exist-ok",
+        action="store_true",
+        default=None,
+        help="write into PROJECT/NAME as it is instead of a new folder (starts over an unfinished run there; "
+        "a finished one is refused)",
+    )
+    ct.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="RUN",
+        help="continue the latest unfinished run of --project/--name (or the run folder / last.pt given) with its "
+        "saved settings; options given here must match them, except --device and --workers",
+    )
+
+
+def _config(a: argparse.Namespace):
+    """The TrainConfig the options describe: given options over TrainConfig's defaults, or over the resumed run's."""
+    from sos_detect.classify.train import TrainConfig, resume_config
+
+    given = {
+        ("batch_size" if k == "batch" else k): v
+        for k, v in vars(a).items()
+        if not k.startswith("cli_") and k not in ("command", "action", "resume") and v is not None
+    }
+    given["device"] = torch_device(resolve_device(a))
+    if getattr(a, "resume", None):
+        return resume_config(
+            a.resume, given.get("project", TrainConfig.project), given.get("name", TrainConfig.name), given
+        )
+    return TrainConfig(**given)
+
+
+def cmd_classify_train(a: argparse.Namespace) -> int:
+    from sos_detect.classify.train import train
+
+    train(_config(a))
+    return 0
+
+
+def cmd_classify_shift(a: argparse.Namespace) -> int:
+    from sos_detect.classify.models import build_model
+    from sos_detect.classify.train import config_data, shift_classifier
+    from sos_detect.reproduce.paper import posthoc_lines
+
+    cfg = _config(a)
+    if cfg.weights is None:
+        raise ValueError("classify shift needs --weights")
+    cfg.check()
+    data = config_data(cfg)
+    model = build_model(cfg.model, data.num_classes, data.in_ch, cfg.weights)
+    res = shift_classifier(model, data, cfg)
+    print(res["report"].format())
+    for key in ("before", "after"):
+        print(f"{key}: top-1 {res[key]['top1']:.4f}  top-5 {res[key]['top5']:.4f}  loss {res[key]['loss']:.4f}")
+    delta = 100 * (res["after"]["top1"] - res["before"]["top1"])
+    print(f"ours: top-1 {100 * res['before']['top1']:.2f} → {100 * res['after']['top1']:.2f} % ({delta:+.2f})")
+    for line in posthoc_lines(cfg.model, cfg.data, data.num_classes):
+        print(line)
+    return 0

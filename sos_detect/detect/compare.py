@@ -1,0 +1,126 @@
+"""`sos-detect compare`: per-epoch curves of a baseline and SOS runs overlaid, shift epochs marked.
+
+Panels: val mAP50, val mAP50-95, the head's output-conv norm and every logged Hessian trace `sos/trace_X`.
+A group of runs (one arm over several seeds) is drawn as its mean with a band of ± one sample standard
+deviation over runs; a single run's trace carries its own Hutchinson standard error (`sos/trace_X_se`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from sos_detect.detect.plots import pyplot, read_results, save_figure, shift_epochs, trace_columns, trace_label
+from sos_detect.reproduce.stats import mean_std
+
+PANELS = {
+    "metrics/mAP50(B)": ("val mAP50", "mAP50"),
+    "metrics/mAP50-95(B)": ("val mAP50-95", "mAP50-95"),
+    "sos/head_norm": ("head output-conv norm (EMA)", "‖W‖ (Frobenius)"),
+}
+
+
+@dataclass
+class Curve:
+    """One plotted line: epochs, values (the mean over runs), error (std over runs, or the trace's standard
+    error for a single run; 0 where none), the epochs marked as shifted, and the number of runs."""
+
+    epochs: list[int]
+    values: list[float]
+    error: list[float]
+    shifts: list[int]
+    runs: int
+
+
+def group_curve(runs: Sequence[Path], column: str) -> Curve | None:
+    """The column over the epochs all runs share (NaN-free epochs only); None when no run logged it."""
+    tables = [read_results(r) for r in runs]
+    if not all(column in t for t in tables):
+        return None
+    length = min(len(t[column]) for t in tables)
+    epochs, values, error = [], [], []
+    for i in range(length):
+        vals = [t[column][i] for t in tables]
+        if any(math.isnan(v) for v in vals):
+            continue
+        mean, std = mean_std(vals)
+        if len(runs) == 1:
+            se = tables[0].get(f"{column}_se", [math.nan] * length)[i]
+            std = 0.0 if math.isnan(se) else se
+        epochs.append(int(tables[0]["epoch"][i]))
+        values.append(mean)
+        error.append(std)
+    if not epochs:
+        return None
+    return Curve(epochs, values, error, [e for e in shift_epochs(runs[0]) if e in set(epochs)], len(runs))
+
+
+def compare_runs(
+    groups: Mapping[str, Sequence[str | Path]], path: str | Path, title: str | None = None
+) -> dict[str, dict[str, Curve]]:
+    """Draw every panel with one curve per group (label → run folders) into `path`; return the plotted data
+    as {column: {label: Curve}}. Groups whose runs never shifted are drawn as baselines (black, dashed)."""
+    groups = {label: [Path(r) for r in runs] for label, runs in groups.items()}
+    for runs in groups.values():
+        for r in runs:
+            if not (r / "results.csv").is_file():
+                raise FileNotFoundError(f"{r}: no results.csv (not an Ultralytics run folder)")
+    columns = list(PANELS)
+    for runs in groups.values():
+        for r in runs:
+            columns += [c for c in trace_columns(read_results(r)) if c not in columns]
+    data = {c: {label: curve for label, runs in groups.items() if (curve := group_curve(runs, c))} for c in columns}
+    data = {c: curves for c, curves in data.items() if curves}
+    plt = pyplot()
+    ncols = min(3, len(data))
+    nrows = math.ceil(len(data) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.4 * ncols, 3.3 * nrows + 0.6), squeeze=False)
+    for ax in axes.flat[len(data) :]:
+        ax.set_visible(False)
+    colours = iter(f"C{i}" for i in range(10) for _ in range(100))
+    style = {}
+    for label, runs in groups.items():
+        baseline = not any(shift_epochs(r) for r in runs)
+        style[label] = ("black", "--") if baseline else (next(colours), "-")
+    for ax, (column, curves) in zip(axes.flat, data.items(), strict=False):
+        for label, c in curves.items():
+            colour, line = style[label]
+            name = label if c.runs == 1 else f"{label} (mean of {c.runs})"
+            if c.runs == 1 and column not in PANELS:
+                ax.errorbar(
+                    c.epochs, c.values, yerr=c.error, color=colour, ls=line, marker="o", ms=3, capsize=3, label=name
+                )
+            else:
+                ax.plot(c.epochs, c.values, color=colour, ls=line, marker="o", ms=3, label=name)
+                if c.runs > 1:
+                    lo = [v - e for v, e in zip(c.values, c.error, strict=True)]
+                    hi = [v + e for v, e in zip(c.values, c.error, strict=True)]
+                    ax.fill_between(c.epochs, lo, hi, color=colour, alpha=0.15, lw=0)
+            marks = [(e, v) for e, v in zip(c.epochs, c.values, strict=True) if e in set(c.shifts)]
+            if marks:
+                ax.plot(*zip(*marks, strict=True), "v", color=colour, ms=7, ls="none")
+        head, ylabel = PANELS.get(column, (f"Hessian trace, {trace_label(column)}", "tr(H)"))
+        ax.set(title=head, xlabel="epoch", ylabel=ylabel)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    (marker,) = axes[0][0].plot([], [], "v", color="0.3", ls="none")
+    notes = ["validated after a shift"]
+    if any(len(runs) > 1 for runs in groups.values()):
+        notes.append("bands: ± 1 std over runs")
+    if any(c not in PANELS for c in data):
+        notes.append("trace error bars: Hutchinson std. error")
+    fig.legend(
+        [*handles, marker], [*labels, "; ".join(notes)], loc="lower center", ncol=min(len(labels) + 1, 4), fontsize=8
+    )
+    if title:
+        fig.suptitle(title)
+    save_figure(fig, Path(path), plt, rect=(0, (0.5 + 0.25 * (len(labels) // 4)) / (3.3 * nrows + 0.6), 1, 1))
+    return data
+
+
+def run_labels(runs: Sequence[str | Path]) -> list[str]:
+    """A short unique label per run folder: its name, or parent/name where names repeat."""
+    paths = [Path(r).resolve() for r in runs]
+    names = [p.name for p in paths]
+    return [p.name if names.count(p.name) == 1 else f"{p.parent.name}/{p.name}" for p in paths]

@@ -1,0 +1,225 @@
+"""A/B harness end to end on a tiny fashion-det (built from scikit-learn digits): statistics recomputed from the
+runs' own results.csv with scipy, reuse only with equal settings, resume after a kill, the shared pretrained start
+of the fine-tuning regime, and `compare` plotting exactly the CSV columns."""
+
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+from test_synthetic import digits_idx
+
+from sos_detect.detect.synthetic import SynthSpec, build_fashion_det
+from sos_detect.reproduce.ab import ABConfig, Pretrain, aggregate, run_ab
+from sos_detect.reproduce.stats import sign_test, t_interval, t_quantile
+
+COMMON = [
+    "epochs=2",
+    "imgsz=64",
+    "batch=8",
+    "workers=0",
+    "device=cpu",
+    "amp=False",
+    "plots=False",
+    "optimizer=SGD",
+    "lr0=0.01",
+    "warmup_epochs=0",
+    "sos_start=0",
+    "sos_images=8",
+]
+ARMS = ["base:sos=False", "guarded:sos_tau=1e-2"]
+SEEDS = (0, 1, 2)
+
+
+def _cli(*args, timeout=1800):
+    cmd = [sys.executable, "-m", "sos_detect.cli", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def _ab_cmd(data, out, extra=(), arms=ARMS, seeds=SEEDS):
+    opts = [x for o in COMMON for x in ("--opt", o)]
+    arms = [x for a in arms for x in ("--arm", a)]
+    return ["reproduce", "ab", "--data", data, *arms, "--seeds", ",".join(map(str, seeds)), *opts, *extra, "--out", out]
+
+
+def _column(run_dir: Path, name: str) -> list[float]:
+    rows = list(csv.DictReader((run_dir / "results.csv").read_text().splitlines()))
+    return [float(r[k]) for r in rows for k in r if k.strip() == name]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fashion")
+    build_fashion_det(root, SynthSpec(train=24, val=8, min_size=64, max_size=80), digits_idx(root / "idx"), False)
+    return root / "fashion-det.yaml"
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory, tiny_data):
+    out = tmp_path_factory.mktemp("ab")
+    res = _cli(*_ab_cmd(tiny_data, out))
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out, res
+
+
+def test_t_interval_and_sign_test_match_scipy():
+    for df in (1, 2, 3, 4, 7, 12, 30):
+        assert t_quantile(0.95, df) == pytest.approx(stats.t.ppf(0.975, df), rel=1e-10)
+    for values in ([0.3, -0.1, 0.5, 0.2, 0.4], [1.0, 2.5], [-0.02, -0.01, 0.0, -0.03, 0.01, -0.05]):
+        lo, hi = t_interval(values)
+        ref = stats.t.interval(0.95, len(values) - 1, loc=np.mean(values), scale=stats.sem(values))
+        assert (lo, hi) == pytest.approx(ref, rel=1e-10)
+        pos, neg, p = sign_test(values)
+        assert p == pytest.approx(stats.binomtest(pos, pos + neg, 0.5).pvalue, rel=1e-12)
+    assert sign_test([0.1] * 5) == (5, 0, pytest.approx(0.0625))
+    assert all(math.isnan(v) for v in t_interval([0.3]))
+
+
+def test_aggregate_published_column_and_ties():
+    results = [
+        {"model": "m", "seed": s, "arm": arm, "map50": v, "map5095": v / 2, "head_norm": 1.0, "voc07": math.nan}
+        for s, (b, t) in enumerate([(0.80, 0.81), (0.82, 0.82), (0.84, 0.90)])
+        for arm, v in (("base", b), ("sos", t))
+    ]
+    rows, md = aggregate(results, ["base", "sos"], {"m": {"base": 83.4}})
+    diff = next(r for r in rows if r["row"] == "sos - base" and r["metric"] == "map50")
+    assert (diff["n_pos"], diff["n_neg"], diff["sign_p"]) == (2, 0, pytest.approx(0.5))  # the tie is dropped
+    assert json.loads(diff["per_seed"]) == pytest.approx({"0": 0.01, "1": 0.0, "2": 0.06})
+    assert next(r for r in rows if r["row"] == "base")["reference_map50"] == 83.4
+    assert "83.4" in md and "voc07" not in md  # not measured: no column, no row
+
+
+def test_study_statistics_recomputed_from_the_runs(study):
+    out, _ = study
+    final = {
+        (arm, s): {
+            "map50": _column(out / "runs" / f"yolov5n_s{s}_{arm}", "metrics/mAP50(B)")[-1],
+            "map5095": _column(out / "runs" / f"yolov5n_s{s}_{arm}", "metrics/mAP50-95(B)")[-1],
+            "head_norm": _column(out / "runs" / f"yolov5n_s{s}_{arm}", "sos/head_norm")[-1],
+        }
+        for arm in ("base", "guarded")
+        for s in SEEDS
+    }
+    rows = list(csv.DictReader((out / "ab.csv").read_text().splitlines()))
+    for arm in ("base", "guarded"):
+        row = next(r for r in rows if r["row"] == arm)
+        for key in ("map50", "map5095", "head_norm"):
+            values = [final[arm, s][key] for s in SEEDS]
+            assert float(row[f"{key}_mean"]) == pytest.approx(np.mean(values), rel=1e-9, abs=1e-12)
+            assert float(row[f"{key}_std"]) == pytest.approx(np.std(values, ddof=1), rel=1e-6, abs=1e-12)
+    for key in ("map50", "map5095", "head_norm"):
+        d = [final["guarded", s][key] - final["base", s][key] for s in SEEDS]
+        row = next(r for r in rows if r["row"] == "guarded - base" and r["metric"] == key)
+        assert float(row["mean"]) == pytest.approx(np.mean(d), rel=1e-9, abs=1e-12)
+        if np.std(d) > 0:
+            ref = stats.t.interval(0.95, len(d) - 1, loc=np.mean(d), scale=stats.sem(d))
+            assert (float(row["ci_low"]), float(row["ci_high"])) == pytest.approx(ref, rel=1e-6, abs=1e-12)
+        pos, neg = sum(x > 0 for x in d), sum(x < 0 for x in d)
+        assert (int(row["n_pos"]), int(row["n_neg"])) == (pos, neg)
+        p = stats.binomtest(pos, pos + neg, 0.5).pvalue if pos + neg else 1.0
+        assert float(row["sign_p"]) == pytest.approx(p)
+    assert (out / "runs" / "yolov5n_s0_guarded" / "sos_log.jsonl").is_file()
+    assert not (out / "runs" / "yolov5n_s0_base" / "sos_log.jsonl").exists()
+    for name in ("ab.md", "ab_effect.png", "ab_curves_yolov5n.png"):
+        assert (out / name).stat().st_size > 0
+    assert (out / "runs" / "yolov5n_s1_guarded" / "sos_head_norm.png").is_file()
+
+
+def test_finished_runs_reused_only_with_equal_settings(study, tiny_data):
+    out, _ = study
+    before = (out / "ab.csv").read_text()
+    again = _cli(*_ab_cmd(tiny_data, out))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "Starting training" not in again.stdout + again.stderr and (out / "ab.csv").read_text() == before
+    changed = _cli(*_ab_cmd(tiny_data, out, ["--epochs", "3"]))
+    assert changed.returncode == 2 and len(changed.stderr.strip().splitlines()) == 1
+    assert "done.json: a finished run with other settings (epochs 2 → 3)" in changed.stderr
+
+
+def test_compare_plots_the_csv_columns(study, tmp_path):
+    from sos_detect.detect.compare import compare_runs
+
+    out, _ = study
+    base, sos = out / "runs" / "yolov5n_s0_base", out / "runs" / "yolov5n_s0_guarded"
+    data = compare_runs({"base": [base], "guarded": [sos]}, tmp_path / "two.png")
+    assert (tmp_path / "two.png").stat().st_size > 0
+    for column in ("metrics/mAP50(B)", "metrics/mAP50-95(B)", "sos/head_norm"):
+        assert data[column]["base"].values == _column(base, column)
+        assert data[column]["guarded"].values == _column(sos, column)
+    log = [json.loads(x) for x in (sos / "sos_log.jsonl").read_text().splitlines()]
+    assert data["sos/head_norm"]["guarded"].shifts == sorted({e["epoch"] for e in log if e["target"] == "model"})
+    assert data["sos/head_norm"]["base"].shifts == []
+    groups = {arm: [out / "runs" / f"yolov5n_s{s}_{arm}" for s in SEEDS] for arm in ("base", "guarded")}
+    mean = compare_runs(groups, tmp_path / "groups.png")["metrics/mAP50(B)"]["guarded"]
+    columns = np.array([_column(r, "metrics/mAP50(B)") for r in groups["guarded"]])
+    assert mean.values == pytest.approx(columns.mean(0).tolist()) and mean.runs == 3
+    assert mean.error == pytest.approx(columns.std(0, ddof=1).tolist())
+    res = _cli("compare", base, sos, "--out", tmp_path / "cli.png", timeout=300)
+    assert res.returncode == 0 and (tmp_path / "cli.png").is_file(), res.stderr[-2000:]
+
+
+def test_interrupted_run_resumes(tmp_path, tiny_data):
+    from sos_detect.reproduce.ab import _checkpoint_epoch
+
+    args = _ab_cmd(tiny_data, tmp_path, ["--epochs", "3"], arms=["base:sos=False"], seeds=[0])
+    cmd = [sys.executable, "-m", "sos_detect.cli", *map(str, args)]
+    run = tmp_path / "runs" / "yolov5n_s0_base"
+    last = run / "weights" / "last.pt"
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 1200
+    while time.time() < deadline:  # until a complete mid-training checkpoint exists
+        epoch = _checkpoint_epoch(last) if last.is_file() else None
+        if epoch is not None and epoch >= 0:
+            break
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run / "done.json").exists() and len(_column(run, "epoch")) < 3
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "Resuming training" in res.stdout + res.stderr
+    assert _column(run, "epoch") == [1.0, 2.0, 3.0]
+
+
+def test_finetune_regime_pretrains_one_shared_start(tmp_path, tiny_data):
+    common = dict(epochs=1, imgsz=64, batch=8, workers=0, device="cpu", amp=False, plots=False, warmup_epochs=0)
+    hessian = dict(sos_images=8, sos_hessian_every=1, sos_hessian_images=2, sos_hessian_probes=4)
+    cfg = ABConfig(
+        data=str(tiny_data),
+        train={**common, **hessian},
+        arms={"base": {"sos": False}, "paper": {"sos_mode": "paper", "sos_rows": 8, "sos_start": 0}},
+        seeds=(0,),
+        pretrain=Pretrain(images=(0, 16), options={"sos_hessian_every": 0}),
+        train_images=(16, 8),
+        val_images=4,
+    )
+    run_ab(cfg, tmp_path, name="ft")
+    start = tmp_path / "runs" / "yolov5n_pretrain" / "weights" / "last.pt"
+    pretrain_data = json.loads((tmp_path / "runs" / "yolov5n_pretrain" / "done.json").read_text())["settings"]["data"]
+    assert len(Path(pretrain_data.replace(".yaml", "_train.txt")).read_text().splitlines()) == 16
+    for arm in ("base", "paper"):
+        done = json.loads((tmp_path / "runs" / f"yolov5n_s0_{arm}" / "done.json").read_text())
+        assert done["settings"]["pretrained"] == str(start) and done["epochs"] == 1
+        listed = Path(done["settings"]["data"].replace(".yaml", "_train.txt")).read_text().splitlines()
+        assert [Path(f).name for f in listed] == [f"train_{i:05d}.jpg" for i in range(16, 24)]
+        assert done["trace_head"] == _column(tmp_path / "runs" / f"yolov5n_s0_{arm}", "sos/trace_head")[-1]
+    paper = tmp_path / "runs" / "yolov5n_s0_paper"
+    log = [json.loads(x) for x in (paper / "sos_log.jsonl").read_text().splitlines()]
+    assert log and all(layer["rows"] == 8 for e in log for layer in e["layers"])
+    rows = list(csv.DictReader((tmp_path / "ft.csv").read_text().splitlines()))
+    assert {r["metric"] for r in rows if r["row"] == "paper - base"} >= {"map50", "head_norm", "trace_head"}
+    for png in ("sos_trace.png", "sos_head_norm.png", "sos_shift_loss.png"):
+        assert (paper / png).is_file()
+    from sos_detect.detect.compare import compare_runs
+
+    data = compare_runs({"base": [tmp_path / "runs" / "yolov5n_s0_base"], "paper": [paper]}, tmp_path / "c.png")
+    trace = data["sos/trace_head"]["paper"]
+    assert trace.epochs == [1] and trace.values == _column(paper, "sos/trace_head") and trace.shifts == [1]
