@@ -135,7 +135,8 @@ SOS_OPTIONS: tuple[Option, ...] = (
         float,
         0.05,
         "roll a shift back if it changes a head conv's outputs on all captured rows (not only the sampled ones) by "
-        "more than this relative amount ‖A(V'−V)‖/‖AV‖",
+        "more than this relative amount ‖A(V'−V)‖/‖AV‖ (sos_max_change=None: never; the paper's SOS changes "
+        "outputs on unsampled rows by far more)",
         "shift",
         check=lambda v: v > 0,
         rule="a number > 0",

@@ -195,7 +195,10 @@ def test_finetune_regime_pretrains_one_shared_start(tmp_path, tiny_data):
     cfg = ABConfig(
         data=str(tiny_data),
         train={**common, **hessian},
-        arms={"base": {"sos": False}, "paper": {"sos_mode": "paper", "sos_rows": 8, "sos_start": 0}},
+        arms={
+            "base": {"sos": False},
+            "paper": {"sos_mode": "paper", "sos_rows": 8, "sos_start": 0, "sos_max_change": None},
+        },
         seeds=(0,),
         pretrain=Pretrain(images=(0, 16), options={"sos_hessian_every": 0}),
         train_images=(16, 8),

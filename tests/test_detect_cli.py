@@ -145,3 +145,42 @@ def test_val_voc07_and_pycocotools_agree_with_ultralytics(tmp_path):
     gt = json.loads((tmp_path / "gt_coco.json").read_text())
     assert len(gt["images"]) == 9 and len(gt["annotations"]) == 231
     assert json.loads((tmp_path / "predictions.json").read_text())
+
+
+def test_shift_that_changes_outputs_is_refused_unless_asked(tmp_path):
+    """The paper's SOS on b = 8 of 64 rows changes the head's outputs on the other captured rows by far more than
+    --sos-max-change (5 %): refused in one line, nothing written; with sos_max_change=None it is applied as asked.
+    The reported change is recomputed from the head convs' inputs on the same 64 capture images."""
+    from sos_detect.checkpoints import load_detector
+    from sos_detect.detect.checkpoint import capture_set_for, working_copy
+    from sos_detect.detect.data import load_data
+
+    out = tmp_path / "paper.pt"
+    args = ("shift", "--weights", CKPT, "--out", out, "--device", "cpu", "--sos-mode", "paper", "--sos-rows", "8")
+    refused = cli(*args, cwd=tmp_path)
+    assert refused.returncode == 1 and "max_change 0.05" in refused.stdout + refused.stderr
+    assert snapshot(tmp_path) == {}
+    applied = cli(*args, "sos_max_change=None", cwd=tmp_path)
+    assert applied.returncode == 0, applied.stderr
+    reported = torch_load(out, map_location="cpu")["sos_shift"]["model"]["layers"]  # the stored network
+    worst = max(layer["out_change_all"] for layer in reported)
+    assert worst > 0.05
+    # independent: ‖A(W'−W)ᵀ‖ / ‖AWᵀ‖ per head conv, A = the conv's inputs on the 64 capture images
+    before = working_copy(load_detector(CKPT)["model"], torch.device("cpu"), imgsz=320, batch=8)
+    after = load_detector(out)["model"].float()
+    inputs: dict[str, list] = {}
+    heads = detect_head_layers(before)
+    hooks = [
+        m.register_forward_hook(lambda m, a, o, k=k: inputs.setdefault(k, []).append(a[0])) for k, m in heads.items()
+    ]
+    with torch.no_grad():
+        for batch in capture_set_for(before, load_data(None)[1]).sample(64, 0):
+            before(batch["img"].float() / 255)
+    for h in hooks:
+        h.remove()
+    new = detect_head_layers(after)
+    for layer in reported:
+        w, w_new = heads[layer["name"]].weight, new[layer["name"]].weight
+        num = sum(float(torch.nn.functional.conv2d(x, w_new - w).square().sum()) for x in inputs[layer["name"]])
+        den = sum(float(torch.nn.functional.conv2d(x, w).square().sum()) for x in inputs[layer["name"]])
+        assert (num / den) ** 0.5 == pytest.approx(layer["out_change_all"], rel=1e-2, abs=1e-4)

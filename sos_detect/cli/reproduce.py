@@ -72,7 +72,14 @@ def _ab_parser(rsub: argparse._SubParsersAction) -> None:
     ab.add_argument("--arms", default=None, help="comma-separated subset of the preset's arms, baseline first")
     ab.add_argument("--seeds", default=None, help="comma-separated seeds (default: the preset's, else 0,1,2,3,4)")
     ab.add_argument("--epochs", type=int, default=None, help="override the epochs")
-    ab.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="common training option")
+    ab.add_argument(
+        "--opt",
+        dest="train_options",  # read by the harness, not as this command's own key=value arguments
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a training option common to every arm (repeat)",
+    )
     ab.add_argument("--out", default=None, help="output folder (default runs/ab/PRESET or runs/ab/custom)")
 
 
@@ -87,7 +94,7 @@ def cmd_ab(a: argparse.Namespace) -> int:
         arm_specs=a.arm,
         arms=a.arms.split(",") if a.arms else None,
         seeds=_seeds(a.seeds) if a.seeds else None,
-        options={**parse_options(a.opt), **({"epochs": a.epochs} if a.epochs else {})},
+        options={**parse_options(a.train_options), **({"epochs": a.epochs} if a.epochs else {})},
     )
     paths = run_ab(cfg, Path(a.out or f"runs/ab/{a.preset or 'custom'}"))
     print(paths[0].read_text())
