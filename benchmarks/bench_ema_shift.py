@@ -7,7 +7,9 @@ and the trainer then shifts it on
   (B)   the model's Grams of the epoch's last training passes (sos_capture=train, the default),
 all with τ = 1e-4. Each variant's output change is measured on the 9 validation images (head inputs do not depend on
 the head weights, so one Gram per layer serves every variant), with its norm ratio and the seconds it took.
-Prints a table and writes benchmarks/results/bench_ema_shift.json. Run: python benchmarks/bench_ema_shift.py [epochs]
+With a second argument, the trainer captures that many training images per shift (sos_images; default 64, i.e.
+all 37 here). Prints a table and writes benchmarks/results/bench_ema_shift[_imagesN].json.
+Run: python benchmarks/bench_ema_shift.py [epochs] [sos_images]
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ class Compare(SOSDetectionTrainer):
 
 def main() -> None:
     epochs = int(sys.argv[1]) if len(sys.argv) > 1 else 30
+    images = int(sys.argv[2]) if len(sys.argv) > 2 else None
     with tempfile.TemporaryDirectory() as tmp:
         YOLO("yolov5n.yaml").train(
             trainer=Compare,
@@ -98,6 +101,7 @@ def main() -> None:
             project=tmp,
             name="ema",
             sos_start=1,
+            **({"sos_images": images} if images else {}),
         )
     keys = [k for k in ROWS[0] if k != "epoch"]
     summary = {k: statistics.median(r[k] for r in ROWS) for k in keys}
@@ -105,8 +109,8 @@ def main() -> None:
     for r in ROWS:
         print(f"{r['epoch']:>5} " + " ".join(f"{r[k]:>14.4g}" for k in keys))
     print(f"{'med':>5} " + " ".join(f"{summary[k]:>14.4g}" for k in keys))
-    out = {"epochs": epochs, "tau": 1e-4, "per_shift": ROWS, "median": summary}
-    (RESULTS / "bench_ema_shift.json").write_text(json.dumps(out, indent=1))
+    out = {"epochs": epochs, "tau": 1e-4, "sos_images": images or 64, "per_shift": ROWS, "median": summary}
+    (RESULTS / f"bench_ema_shift{f'_images{images}' if images else ''}.json").write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

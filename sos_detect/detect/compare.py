@@ -7,6 +7,7 @@ deviation over runs; a single run's trace carries its own Hutchinson standard er
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -79,7 +80,7 @@ def compare_runs(
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.4 * ncols, 3.3 * nrows + 0.6), squeeze=False)
     for ax in axes.flat[len(data) :]:
         ax.set_visible(False)
-    colours = iter(f"C{i}" for i in range(10) for _ in range(100))
+    colours = itertools.cycle(f"C{i}" for i in range(10))  # one colour per SOS group; baselines black
     style = {}
     for label, runs in groups.items():
         baseline = not any(shift_epochs(r) for r in runs)
