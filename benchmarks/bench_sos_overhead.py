@@ -2,12 +2,13 @@
 
 (a) the main job at its defaults: `sos-detect train` vs `sos-detect train --no-sos` (real processes, same seed);
 (b) a 518-image dataset at 320 px (the 37 embedded training tiles, each linked 14 times), 3 epochs, same CLI;
-(c) per image, YOLOv5s (nc = 20) at 640 px: a training step (forward + loss + backward), the same step with the
-    head-input Gram hooks on (the training-pass capture), and an eval capture forward (the separate-pass capture,
-    sos_capture=eval), projected onto a VOC epoch (16,551 images).
+(c) per image, YOLOv5s (nc = 20) at 640 px: a training step (forward + loss + backward; autocast on CUDA), the
+    same step with the head-input Gram hooks on (the training-pass capture), and an eval capture forward (the
+    separate-pass capture, sos_capture=eval), projected onto a VOC epoch (16,551 images).
 Runs alternate base/SOS order pair by pair; ratios are SOS/base per pair, medians reported. Prints a table and
 writes benchmarks/results/bench_sos_overhead.json (and the last SOS run's log as sos_log_example.jsonl).
-Run: python benchmarks/bench_sos_overhead.py [--repeats 3] [--sections a,b,c]
+Run: python benchmarks/bench_sos_overhead.py [--repeats 3] [--sections a,b,c] [--device 0 --batch 16]
+(--device 0: every section on the first GPU, the result named bench_sos_overhead_cuda.json by default)
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def paired(label: str, args: list[str], repeats: int, work: Path) -> dict:
             times[arm] = seconds
             if arm == "sos":
                 times["shift_s"] = sos_seconds(run)
-                if label == "a":
+                if label == "a" and "--device" not in args:  # the README's example log is a CPU run
                     shutil.copy(run / "sos_log.jsonl", RESULTS / "sos_log_example.jsonl")
         pairs.append({**times, "ratio": times["sos"] / times["base"]})
     ratios = [p["ratio"] for p in pairs]
@@ -94,8 +95,9 @@ def repeated_dataset(work: Path, copies: int = 14) -> Path:
     return yaml
 
 
-def per_image_costs(repeats: int) -> dict:
-    """YOLOv5s, nc = 20, 640 px, batch 4 on CPU: training step, step with capture hooks, eval capture forward."""
+def per_image_costs(repeats: int, device: str, batch_size: int) -> dict:
+    """YOLOv5s, nc = 20, 640 px: training step (autocast on CUDA, as Ultralytics' AMP), step with capture hooks,
+    eval capture forward; seconds per image."""
     from ultralytics.cfg import get_cfg
     from ultralytics.nn.tasks import DetectionModel
 
@@ -103,35 +105,44 @@ def per_image_costs(repeats: int) -> dict:
     from sos_detect.layers import GramCapture
 
     torch.manual_seed(0)
-    model = DetectionModel("yolov5s.yaml", nc=20, verbose=False)
+    dev = torch.device("cpu" if device == "cpu" else f"cuda:{device}")
+    model = DetectionModel("yolov5s.yaml", nc=20, verbose=False).to(dev)
     model.args = get_cfg(overrides={"task": "detect"})
     heads = detect_head_layers(model)
+    n = batch_size
     batch = {
-        "img": torch.rand(4, 3, 640, 640),
-        "batch_idx": torch.arange(4).repeat_interleave(3).float(),
-        "cls": torch.randint(0, 20, (12, 1)).float(),
-        "bboxes": torch.rand(12, 4) * 0.4 + 0.3,
+        "img": torch.rand(n, 3, 640, 640, device=dev),
+        "batch_idx": torch.arange(n, device=dev).repeat_interleave(3).float(),
+        "cls": torch.randint(0, 20, (3 * n, 1), device=dev).float(),
+        "bboxes": torch.rand(3 * n, 4, device=dev) * 0.4 + 0.3,
     }
+    amp = torch.autocast(dev.type, enabled=dev.type == "cuda")
+
+    def synced() -> float:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        return time.perf_counter()
 
     def step(hooks: bool) -> float:
         model.train()
         capture = GramCapture(heads, skip_nonfinite=True) if hooks else None
-        start = time.perf_counter()
+        start = synced()
         if capture:
             capture.start()
-        loss, _ = model.loss(batch)
+        with amp:
+            loss, _ = model.loss(batch)
         loss.sum().backward()
         if capture:
             capture.stop()
         model.zero_grad(set_to_none=True)
-        return time.perf_counter() - start
+        return synced() - start
 
     def eval_capture() -> float:
         model.eval()
-        start = time.perf_counter()
-        with torch.no_grad(), GramCapture(heads):
+        start = synced()
+        with torch.no_grad(), amp, GramCapture(heads):
             model(batch["img"])
-        return time.perf_counter() - start
+        return synced() - start
 
     step(False), step(True), eval_capture()  # warm-up
     samples = {"train": [], "train_hooked": [], "eval_capture": []}
@@ -139,9 +150,10 @@ def per_image_costs(repeats: int) -> dict:
         samples["train"].append(step(False))
         samples["train_hooked"].append(step(True))
         samples["eval_capture"].append(eval_capture())
-    med = {k: statistics.median(v) / 4 for k, v in samples.items()}  # per image
+    med = {k: statistics.median(v) / n for k, v in samples.items()}  # per image
     hook = med["train_hooked"] - med["train"]
     out = {
+        "batch": n,
         "train_step_s_per_image": med["train"],
         "hooked_step_s_per_image": med["train_hooked"],
         "eval_capture_s_per_image": med["eval_capture"],
@@ -159,19 +171,26 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--sections", default="a,b,c")
-    ap.add_argument("--out", default=str(RESULTS / "bench_sos_overhead.json"))
+    ap.add_argument("--device", default="cpu", help="cpu or a CUDA index (0)")
+    ap.add_argument("--batch", type=int, default=4, help="batch of section c")
+    ap.add_argument("--out", default=None, help="default results/bench_sos_overhead[_cuda].json")
     a = ap.parse_args()
     sections = a.sections.split(",")
+    out = a.out or RESULTS / ("bench_sos_overhead.json" if a.device == "cpu" else "bench_sos_overhead_cuda.json")
     result = {"torch": torch.__version__, "threads": threads, "cpu_count": os.cpu_count(), "repeats": a.repeats}
+    result["device"] = torch.cuda.get_device_name(int(a.device)) if a.device != "cpu" else "cpu"
+    device_args = [] if a.device == "cpu" else ["--device", a.device]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         if "a" in sections:
-            result["a_main_job"] = paired("a", [], a.repeats, work)
+            result["a_main_job"] = paired("a", device_args, a.repeats, work)
         if "b" in sections:
             yaml = repeated_dataset(work)
-            result["b_518_images_320px"] = paired("b", ["--data", str(yaml), "--epochs", "3"], a.repeats, work)
+            result["b_518_images_320px"] = paired(
+                "b", ["--data", str(yaml), "--epochs", "3", *device_args], a.repeats, work
+            )
     if "c" in sections:
-        result["c_yolov5s_640_per_image"] = per_image_costs(max(a.repeats, 5))
+        result["c_yolov5s_640_per_image"] = per_image_costs(max(a.repeats, 5), a.device, a.batch)
     print(f"{'quantity':<58} {'value':>12}")
     for section, values in result.items():
         if not isinstance(values, dict):
@@ -180,7 +199,7 @@ def main() -> None:
         for key, value in values.items():
             if isinstance(value, float):
                 print(f"{section + '.' + key:<58} {value:>12.4g}")
-    Path(a.out).write_text(json.dumps(result, indent=1))
+    Path(out).write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

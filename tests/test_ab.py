@@ -18,7 +18,7 @@ from scipy import stats
 from test_synthetic import digits_idx
 
 from sos_detect.detect.synthetic import SynthSpec, build_fashion_det
-from sos_detect.reproduce.ab import ABConfig, Pretrain, aggregate, run_ab
+from sos_detect.reproduce.ab import PRESETS, ABConfig, Pretrain, aggregate, check_arms, run_ab
 from sos_detect.reproduce.stats import sign_test, t_interval, t_quantile
 
 COMMON = [
@@ -226,3 +226,18 @@ def test_finetune_regime_pretrains_one_shared_start(tmp_path, tiny_data):
     data = compare_runs({"base": [tmp_path / "runs" / "yolov5n_s0_base"], "paper": [paper]}, tmp_path / "c.png")
     trace = data["sos/trace_head"]["paper"]
     assert trace.epochs == [1] and trace.values == _column(paper, "sos/trace_head") and trace.shifts == [1]
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_fit_the_default_fashion_det_build(name):
+    """Every study preset's arms pass the SOS option checks, and the image slices it trains, pretrains and validates
+    on exist in a default `sos-detect data fashion-det` build (3,000 train / 1,000 val), without overlap."""
+    cfg, spec = PRESETS[name], SynthSpec()
+    check_arms(cfg)
+    assert next(iter(cfg.arms.values())) == {"sos": False}
+    first, count = cfg.train_images
+    assert first >= 0 and first + count <= spec.train
+    assert 1 <= cfg.val_images <= spec.val
+    if cfg.pretrain:
+        p_first, p_count = cfg.pretrain.images
+        assert p_first + p_count <= first or first + count <= p_first  # the arms fine-tune on unseen images

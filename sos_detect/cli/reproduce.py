@@ -58,7 +58,11 @@ def _ab_parser(rsub: argparse._SubParsersAction) -> None:
         "(mean ± std per arm; paired differences with a 95%% t-interval and an exact sign test), the per-epoch "
         "curves and the effect plot. Finished runs are reused only with the same settings; interrupted ones resume.",
     )
-    ab.add_argument("--preset", default=None, help="synth-scratch or synth-finetune (the fashion-det study)")
+    ab.add_argument(
+        "--preset",
+        default=None,
+        help="synth-scratch, synth-finetune (the fashion-det study on CPU) or synth-scratch-gpu",
+    )
     ab.add_argument("--data", default=None, help="data YAML (overrides the preset's)")
     ab.add_argument("--models", default=None, help="comma-separated models, e.g. yolov5n,yolov8n (default yolov5n)")
     ab.add_argument("--weights", default=None, help="fine-tune every arm from this checkpoint")

@@ -514,6 +514,7 @@ STUDY_TRAIN = dict(
     plots=False,
     deterministic=True,
 )
+GPU_TRAIN = {**STUDY_TRAIN, "imgsz": 256, "batch": 32, "nbs": 32, "device": 0, "amp": True, "workers": 4}
 PRESETS = {
     "synth-scratch": ABConfig(
         data=FASHION_DET,
@@ -534,5 +535,15 @@ PRESETS = {
         description="fashion-det, Table 5's regime: one YOLOv5n pretrained from scratch on training images 0–2399 "
         "(10 epochs, seed 0, no SOS), then every arm fine-tunes it on images 2400–2799 (400 images, 8 epochs, "
         "160 px), validated on the first 400 validation images after every epoch.",
+    ),
+    "synth-scratch-gpu": ABConfig(
+        data=FASHION_DET,
+        train={**GPU_TRAIN, "epochs": 10, "warmup_epochs": 1},
+        arms=STUDY_ARMS,
+        train_images=(0, 3000),
+        val_images=1000,
+        description="fashion-det on a GPU, the from-scratch regime at a larger scale: YOLOv5n on all 3,000 "
+        "training images, 256 px, 10 epochs, batch 32 (SGD, an optimizer step per batch, mixed precision), "
+        "validated on all 1,000 validation images after every epoch.",
     ),
 }
