@@ -28,7 +28,7 @@ class Recording(np.ndarray):
 
     used: set[int]
 
-    def __getitem__(self, key):  # noqa: ANN001, ANN204
+    def __getitem__(self, key):
         if isinstance(key, int | np.integer):
             self.used.add(int(key))
         return super().__getitem__(key)
@@ -51,7 +51,7 @@ def main(out: Path) -> None:
     original = data.read_fashion_mnist  # build_fashion_det imports it from there when it runs
     synthetic_source = tuple((rec, labels) for rec, (_, labels) in zip(recording, full, strict=True))
     with tempfile.TemporaryDirectory() as tmp:
-        data.read_fashion_mnist = lambda root: synthetic_source  # noqa: ARG005
+        data.read_fashion_mnist = lambda root: synthetic_source
         try:
             synthetic.build_fashion_det(Path(tmp) / "full", progress=False)
         finally:
