@@ -95,9 +95,9 @@ def repeated_dataset(work: Path, copies: int = 14) -> Path:
     return yaml
 
 
-def per_image_costs(repeats: int, device: str, batch_size: int) -> dict:
-    """YOLOv5s, nc = 20, 640 px: training step (autocast on CUDA, as Ultralytics' AMP), step with capture hooks,
-    eval capture forward; seconds per image."""
+def per_image_costs(repeats: int, device: str, batch_size: int, cfg: str, nc: int, imgsz: int) -> dict:
+    """Seconds per image (default YOLOv5s, nc = 20, 640 px) of a training step (autocast on CUDA, as Ultralytics'
+    AMP), the same step with the capture hooks on, and an eval capture forward."""
     from ultralytics.cfg import get_cfg
     from ultralytics.nn.tasks import DetectionModel
 
@@ -106,14 +106,14 @@ def per_image_costs(repeats: int, device: str, batch_size: int) -> dict:
 
     torch.manual_seed(0)
     dev = torch.device("cpu" if device == "cpu" else f"cuda:{device}")
-    model = DetectionModel("yolov5s.yaml", nc=20, verbose=False).to(dev)
+    model = DetectionModel(cfg, nc=nc, verbose=False).to(dev)
     model.args = get_cfg(overrides={"task": "detect"})
     heads = detect_head_layers(model)
     n = batch_size
     batch = {
-        "img": torch.rand(n, 3, 640, 640, device=dev),
+        "img": torch.rand(n, 3, imgsz, imgsz, device=dev),
         "batch_idx": torch.arange(n, device=dev).repeat_interleave(3).float(),
-        "cls": torch.randint(0, 20, (3 * n, 1), device=dev).float(),
+        "cls": torch.randint(0, nc, (3 * n, 1), device=dev).float(),
         "bboxes": torch.rand(3 * n, 4, device=dev) * 0.4 + 0.3,
     }
     amp = torch.autocast(dev.type, enabled=dev.type == "cuda")
@@ -153,6 +153,9 @@ def per_image_costs(repeats: int, device: str, batch_size: int) -> dict:
     med = {k: statistics.median(v) / n for k, v in samples.items()}  # per image
     hook = med["train_hooked"] - med["train"]
     out = {
+        "model": cfg,
+        "nc": nc,
+        "imgsz": imgsz,
         "batch": n,
         "train_step_s_per_image": med["train"],
         "hooked_step_s_per_image": med["train_hooked"],
@@ -173,6 +176,9 @@ def main() -> None:
     ap.add_argument("--sections", default="a,b,c")
     ap.add_argument("--device", default="cpu", help="cpu or a CUDA index (0)")
     ap.add_argument("--batch", type=int, default=4, help="batch of section c")
+    ap.add_argument("--model", default="yolov5s.yaml", help="model of section c (the main job's: yolov5n.yaml)")
+    ap.add_argument("--nc", type=int, default=20, help="classes of section c (VOC's 20; the main job's 1)")
+    ap.add_argument("--imgsz", type=int, default=640, help="image size of section c (the main job's 320)")
     ap.add_argument("--out", default=None, help="default results/bench_sos_overhead[_cuda].json")
     a = ap.parse_args()
     sections = a.sections.split(",")
@@ -190,7 +196,8 @@ def main() -> None:
                 "b", ["--data", str(yaml), "--epochs", "3", *device_args], a.repeats, work
             )
     if "c" in sections:
-        result["c_yolov5s_640_per_image"] = per_image_costs(max(a.repeats, 5), a.device, a.batch)
+        key = f"c_{Path(a.model).stem}_{a.imgsz}_per_image"
+        result[key] = per_image_costs(max(a.repeats, 5), a.device, a.batch, a.model, a.nc, a.imgsz)
     print(f"{'quantity':<58} {'value':>12}")
     for section, values in result.items():
         if not isinstance(values, dict):
