@@ -6,7 +6,8 @@
     same step with the head-input Gram hooks on (the training-pass capture), and an eval capture forward (the
     separate-pass capture, sos_capture=eval), projected onto a VOC epoch (16,551 images).
 Runs alternate base/SOS order pair by pair; ratios are SOS/base per pair, medians reported. Prints a table and
-writes benchmarks/results/bench_sos_overhead.json (and the last SOS run's log as sos_log_example.jsonl).
+writes benchmarks/results/bench_sos_overhead.json (and, for that default CPU run, the last SOS run's log as
+sos_log_example.jsonl).
 Run: python benchmarks/bench_sos_overhead.py [--repeats 3] [--sections a,b,c] [--device 0 --batch 16]
 (--device 0: every section on the first GPU, the result named bench_sos_overhead_cuda.json by default)
 """
@@ -54,8 +55,9 @@ def sos_seconds(run: Path) -> float:
     return sum(float(r[key]) for r in rows)
 
 
-def paired(label: str, args: list[str], repeats: int, work: Path) -> dict:
-    """Interleaved base/SOS pairs of the same command; median of the per-pair wall-time ratios."""
+def paired(label: str, args: list[str], repeats: int, work: Path, example_log: Path | None = None) -> dict:
+    """Interleaved base/SOS pairs of the same command; median of the per-pair wall-time ratios. The last SOS run's
+    sos_log.jsonl is copied to `example_log` when given."""
     pairs = []
     for r in range(repeats):
         order = ("base", "sos") if r % 2 == 0 else ("sos", "base")
@@ -65,8 +67,8 @@ def paired(label: str, args: list[str], repeats: int, work: Path) -> dict:
             times[arm] = seconds
             if arm == "sos":
                 times["shift_s"] = sos_seconds(run)
-                if label == "a" and "--device" not in args:  # the README's example log is a CPU run
-                    shutil.copy(run / "sos_log.jsonl", RESULTS / "sos_log_example.jsonl")
+                if example_log:
+                    shutil.copy(run / "sos_log.jsonl", example_log)
         pairs.append({**times, "ratio": times["sos"] / times["base"]})
     ratios = [p["ratio"] for p in pairs]
     return {
@@ -170,11 +172,18 @@ def per_image_costs(repeats: int, device: str, batch_size: int, cfg: str, nc: in
     return out
 
 
+def device_arg(value: str) -> str:
+    """--device: 'cpu' or one CUDA index."""
+    if value == "cpu" or value.isdigit():
+        return value
+    raise argparse.ArgumentTypeError(f"{value!r}: cpu or one CUDA index, e.g. 0")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--sections", default="a,b,c")
-    ap.add_argument("--device", default="cpu", help="cpu or a CUDA index (0)")
+    ap.add_argument("--device", type=device_arg, default="cpu", help="cpu or one CUDA index, e.g. 0")
     ap.add_argument("--batch", type=int, default=4, help="batch of section c")
     ap.add_argument("--model", default="yolov5s.yaml", help="model of section c (the main job's: yolov5n.yaml)")
     ap.add_argument("--nc", type=int, default=20, help="classes of section c (VOC's 20; the main job's 1)")
@@ -184,12 +193,13 @@ def main() -> None:
     sections = a.sections.split(",")
     out = a.out or RESULTS / ("bench_sos_overhead.json" if a.device == "cpu" else "bench_sos_overhead_cuda.json")
     result = {"torch": torch.__version__, "threads": threads, "cpu_count": os.cpu_count(), "repeats": a.repeats}
-    result["device"] = torch.cuda.get_device_name(int(a.device)) if a.device != "cpu" else "cpu"
+    result["device"] = "cpu" if a.device == "cpu" else torch.cuda.get_device_name(torch.device("cuda", int(a.device)))
     device_args = [] if a.device == "cpu" else ["--device", a.device]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         if "a" in sections:
-            result["a_main_job"] = paired("a", device_args, a.repeats, work)
+            example = RESULTS / "sos_log_example.jsonl" if a.out is None and a.device == "cpu" else None
+            result["a_main_job"] = paired("a", device_args, a.repeats, work, example)
         if "b" in sections:
             yaml = repeated_dataset(work)
             result["b_518_images_320px"] = paired(

@@ -240,4 +240,5 @@ def test_presets_fit_the_default_fashion_det_build(name):
     assert 1 <= cfg.val_images <= spec.val
     if cfg.pretrain:
         p_first, p_count = cfg.pretrain.images
+        assert p_first >= 0 and p_first + p_count <= spec.train
         assert p_first + p_count <= first or first + count <= p_first  # the arms fine-tune on unseen images

@@ -7,9 +7,10 @@
 # both ignored by git through .git/info/exclude; a device call carries them with carry=[".whl", ".gpu"].
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
-mkdir -p .git/info .whl .gpu/fmnist
-grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo /.whl/ >>.git/info/exclude
-grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo /.gpu/ >>.git/info/exclude
+exclude=$(git rev-parse --git-path info/exclude) # .git may be a file (a worktree)
+mkdir -p "$(dirname "$exclude")" .whl .gpu/fmnist
+grep -qx '/.whl/' "$exclude" 2>/dev/null || echo /.whl/ >>"$exclude"
+grep -qx '/.gpu/' "$exclude" 2>/dev/null || echo /.gpu/ >>"$exclude"
 for spec in ultralytics==8.4.190 ultralytics-thop==2.2.3 pycocotools==2.0.11 polars==1.20.0; do
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \

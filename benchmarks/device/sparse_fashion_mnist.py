@@ -13,6 +13,7 @@ import gzip
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -24,24 +25,29 @@ STEMS = {"train": "train", "val": "t10k"}
 
 
 class Recording(np.ndarray):
-    """An array that remembers the integer indices it was read at."""
+    """An array that remembers the integer indices it was read at. Only integer reads of the array itself count
+    (a view starts its own record); a build that read items otherwise would fail the digest check."""
 
     used: set[int]
 
-    def __getitem__(self, key):
+    def __array_finalize__(self, obj: np.ndarray | None) -> None:
+        self.used = set()
+
+    def __getitem__(self, key: Any) -> Any:
         if isinstance(key, int | np.integer):
             self.used.add(int(key))
         return super().__getitem__(key)
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
-    """uint8 IDX: magic 0x0803 (3 dims) then big-endian int32 dims then the bytes, gzip-compressed."""
+    """uint8 IDX, gzip-compressed: magic 0x08nn (nn = number of dims), big-endian int32 dims, then the bytes."""
     header = (0x0800 + array.ndim).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
-    with gzip.open(path, "wb", compresslevel=9) as f:
+    with gzip.GzipFile(path, "wb", compresslevel=9, mtime=0) as f:  # no timestamp: the same bytes every time
         f.write(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
 
 
 def main(out: Path) -> None:
+    """Build fashion-det with recording arrays, write the sparse IDX files to `out`, rebuild from them, compare."""
     full = read_fashion_mnist(Path(FASHION_ROOT))
     recording = []
     for images, _ in full:
@@ -49,9 +55,9 @@ def main(out: Path) -> None:
         view.used = set()
         recording.append(view)
     original = data.read_fashion_mnist  # build_fashion_det imports it from there when it runs
-    synthetic_source = tuple((rec, labels) for rec, (_, labels) in zip(recording, full, strict=True))
+    recording_source = tuple((rec, labels) for rec, (_, labels) in zip(recording, full, strict=True))
     with tempfile.TemporaryDirectory() as tmp:
-        data.read_fashion_mnist = lambda root: synthetic_source
+        data.read_fashion_mnist = lambda root: recording_source
         try:
             synthetic.build_fashion_det(Path(tmp) / "full", progress=False)
         finally:
