@@ -32,7 +32,7 @@ from torch import nn  # noqa: E402
 
 from sos_detect.classify.data import load_classification_data  # noqa: E402
 from sos_detect.classify.models import build_model, final_linear  # noqa: E402
-from sos_detect.classify.train import evaluate, sos_step, train  # noqa: E402
+from sos_detect.classify.train import FINISHED, evaluate, sos_step  # noqa: E402
 from sos_detect.hessian import (  # noqa: E402
     HessianOperator,
     TraceEstimate,
@@ -41,7 +41,7 @@ from sos_detect.hessian import (  # noqa: E402
     softmax_cross_entropy_curvature,
     top_eigenvalues,
 )
-from sos_detect.reproduce.classify import PRESETS  # noqa: E402
+from sos_detect.reproduce.classify import PRESETS, run_scheme  # noqa: E402
 
 RUNS = Path(__file__).parent / "results" / "classify_mini_30ep" / "runs"
 OUT = Path(__file__).parent / "results" / "bench_classify_flatness.json"
@@ -52,12 +52,12 @@ RANK, RESIDUAL = 8, 24  # Hutch++: 2·RANK sketch HVPs, then RESIDUAL probes
 
 
 def load_model(scheme: str, seed: int, data) -> nn.Module:
-    cfg = replace(PRESETS["mini"], epochs=EPOCHS, optimizer="sgd", sos=scheme == "sgd+sos", seed=seed)
-    run = RUNS / f"{scheme.replace('+', '_')}_s{seed}"
-    if not (run / "model.pt").is_file():
-        train(replace(cfg, out=str(run)), data)
-    model = build_model(cfg.model, data.num_classes, data.in_ch)
-    model.load_state_dict(torch.load(run / "model.pt", weights_only=True)["model"])
+    """The 30-epoch model of `scheme` and `seed` that `reproduce classify` trained (trained here when missing)."""
+    base = replace(PRESETS["mini"], epochs=EPOCHS)
+    run_scheme(scheme, seed, base, RUNS.parent)
+    model = build_model(base.model, data.num_classes, data.in_ch)
+    state = torch.load(RUNS / f"{scheme.replace('+', '_')}_s{seed}" / FINISHED, weights_only=True)
+    model.load_state_dict(state["model"])
     return model.eval()
 
 

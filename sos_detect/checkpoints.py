@@ -91,7 +91,7 @@ def _open(path: Path, name: str) -> None:
         raise CheckpointError(f"{name}: empty file, not a checkpoint")
 
 
-def _unsafe_kind(path: Path, name: str, err: Exception) -> CheckpointError:
+def _unsafe_kind(path: Path, name: str) -> CheckpointError:
     """Why a file fails torch's safe loader, without running its pickle: the classes it would import."""
     try:
         names = [str(g) for g in torch.serialization.get_unsafe_globals_in_checkpoint(path)]
@@ -121,7 +121,7 @@ def read_checkpoint(path: str | Path, flag: str = "--weights", *, safe: bool = F
             content = torch_load(path, map_location="cpu")
     except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad file
         if safe:
-            raise _unsafe_kind(path, name, err) from None
+            raise _unsafe_kind(path, name) from None
         raise CheckpointError(
             f"{name}: not a PyTorch checkpoint ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
         ) from None

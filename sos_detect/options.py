@@ -235,9 +235,9 @@ def check_options(
         raise OptionError(f"{spell(mode, 'paper')}: needs {rows} (the number b of sampled rows, below the layer width)")
 
 
-def check_sos_args(args: Any, name: Callable[[str], str] | None = None) -> None:
+def check_sos_args(args: Any) -> None:
     """Validate the sos_* options of an args namespace against `SOS_OPTIONS`; errors name the option."""
-    check_options({o.key: getattr(args, o.key) for o in SOS_OPTIONS if hasattr(args, o.key)}, SOS_OPTIONS, name)
+    check_options({o.key: getattr(args, o.key) for o in SOS_OPTIONS if hasattr(args, o.key)}, SOS_OPTIONS)
 
 
 def check_rows_below_width(rows: int | None, widths: dict[str, int], typed: str) -> None:

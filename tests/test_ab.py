@@ -18,7 +18,7 @@ from scipy import stats
 from test_synthetic import digits_idx
 
 from sos_detect.detect.synthetic import SynthSpec, build_fashion_det
-from sos_detect.reproduce.ab import PRESETS, ABConfig, Pretrain, aggregate, check_arms, run_ab
+from sos_detect.reproduce.ab import PRESETS, ABConfig, Pretrain, aggregate, check_arms, parse_arm, parse_options, run_ab
 from sos_detect.reproduce.stats import sign_test, t_interval, t_quantile
 
 COMMON = [
@@ -242,3 +242,13 @@ def test_presets_fit_the_default_fashion_det_build(name):
         p_first, p_count = cfg.pretrain.images
         assert p_first >= 0 and p_first + p_count <= spec.train
         assert p_first + p_count <= first or first + count <= p_first  # the arms fine-tune on unseen images
+
+
+def test_arm_values_read_as_yolo_reads_them():
+    """`--arm` / `--opt` values: numbers, booleans and None as Ultralytics' key=value parser reads them, so the
+    study's paper arm (no rollback: sos_max_change=None) can be written on the command line and passes the checks."""
+    name, options = parse_arm("paper-b32:sos_mode=paper,sos_rows=32,sos_max_change=None")
+    assert (name, options) == ("paper-b32", {"sos_mode": "paper", "sos_rows": 32, "sos_max_change": None})
+    assert options == PRESETS["synth-scratch"].arms["paper-b32"]
+    assert parse_options(["sos_tau=1e-3", "sos=False", "imgsz=160"]) == {"sos_tau": 1e-3, "sos": False, "imgsz": 160}
+    check_arms(ABConfig(data="x.yaml", train={}, arms={"base": {"sos": False}, name: options}))

@@ -13,7 +13,7 @@ from sos_detect.cli import classify, data, detect, reproduce
 from sos_detect.cli.options import Parser, apply_key_values, check_args, parse
 
 FAMILIES = (detect, data, classify, reproduce)
-ERRORS = (FileNotFoundError, NotADirectoryError, PermissionError, OSError, ValueError, TypeError, SyntaxError)
+ERRORS = (OSError, ValueError, TypeError, SyntaxError)  # OSError: missing files, folders, permissions
 
 
 def build_parser() -> Parser:

@@ -418,7 +418,7 @@ def cmd_shift(a: argparse.Namespace) -> int:
     before = _validate(a.weights, data_yaml, a, device)
     shift = {k.removeprefix("sos_"): getattr(a, k) for k in ("sos_mode", "sos_tau", "sos_rows", "sos_images")}
     reports, written = shift_checkpoint(
-        a.weights,
+        ckpt,
         data,
         a.out,
         **shift,

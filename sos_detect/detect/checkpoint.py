@@ -12,6 +12,7 @@ from sos_detect.checkpoints import load_detector
 from sos_detect.detect.shifting import build_capture_set, shift_detector
 from sos_detect.files import save_atomic
 from sos_detect.layers import ShiftReport
+from sos_detect.options import SOS_DEFAULTS
 
 
 def working_copy(stored: torch.nn.Module, device: torch.device, **overrides: Any) -> torch.nn.Module:
@@ -35,28 +36,29 @@ def capture_set_for(model: torch.nn.Module, data: dict[str, Any]):
 
 
 def shift_checkpoint(
-    weights: str | Path,
+    weights: str | Path | dict[str, Any],
     data: dict[str, Any],
     out: str | Path,
     *,
-    mode: str = "guarded",
-    tau: float = 1e-4,
-    rows: int | None = None,
-    images: int = 64,
-    heads: str = "box,cls",
-    loss_tol: float | None = None,
-    max_change: float | None = 0.05,
+    mode: str = SOS_DEFAULTS["sos_mode"],
+    tau: float = SOS_DEFAULTS["sos_tau"],
+    rows: int | None = SOS_DEFAULTS["sos_rows"],
+    images: int = SOS_DEFAULTS["sos_images"],
+    heads: str = SOS_DEFAULTS["sos_heads"],
+    loss_tol: float | None = SOS_DEFAULTS["sos_loss_tol"],
+    max_change: float | None = SOS_DEFAULTS["sos_max_change"],
     imgsz: int = 640,
     batch: int = 16,
     device: str | torch.device = "cpu",
     seed: int = 0,
 ) -> tuple[dict[str, ShiftReport], Path | None]:
-    """Shift the stored network(s) of `weights` and write `out` atomically (only if every shift applied).
+    """Shift the stored network(s) of `weights` (a path, or the checkpoint dict `load_detector` returned) and
+    write `out` atomically (only if every shift applied); the defaults are the option table's.
 
     Returns the reports per stored network ('ema' and/or 'model') and the written path (None when a
     shift was rolled back, in which case nothing is written).
     """
-    ckpt = load_detector(weights)
+    ckpt = weights if isinstance(weights, dict) else load_detector(weights)
     device = torch.device(device)
     out = Path(out)
     new = dict(ckpt)

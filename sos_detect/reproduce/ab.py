@@ -13,7 +13,6 @@ trainer (SOSDetectionTrainer), so it does not depend on how SOS captures feature
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
@@ -70,19 +69,16 @@ class ABConfig:
 
 
 def parse_options(pairs: Sequence[str], flag: str = "--opt") -> dict[str, Any]:
-    """['key=value', …] → {key: YAML-parsed value}, as `yolo` reads key=value arguments."""
-    import yaml
+    """['key=value', …] → {key: value}, each value read as `yolo` reads key=value arguments (Ultralytics'
+    smart_value: numbers, True/False, None, lists; anything else a string)."""
+    from ultralytics.cfg import smart_value
 
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"{flag} expects KEY=VALUE, got {pair!r}")
-        parsed = yaml.safe_load(value)
-        if isinstance(parsed, str):  # YAML 1.1 reads 1e-3 as a string
-            with contextlib.suppress(ValueError):
-                parsed = float(parsed)
-        out[key.strip()] = parsed
+        out[key.strip()] = smart_value(value)
     return out
 
 

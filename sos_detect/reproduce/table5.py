@@ -10,21 +10,17 @@ from pathlib import Path
 from typing import Any
 
 from sos_detect.detect.embedded import EMBEDDED_YAML, REPO_ROOT
-from sos_detect.reproduce.ab import ABConfig, run_ab, with_overrides
+from sos_detect.reproduce.ab import STUDY_ARMS, ABConfig, run_ab, with_overrides
 from sos_detect.reproduce.paper import table5_map50
 
 # Paper, Table 5: VOC mAP50 (%), baseline → with SOS (the printed table swaps the row labels), from the shipped CSV.
 PAPER = table5_map50()
-ARMS = {
-    "base": {"sos": False},
-    "guarded-1e-4": {"sos_tau": 1e-4},
-    "paper-b32": {"sos_mode": "paper", "sos_rows": 32, "sos_max_change": None},  # as the paper: no rollback
-}
+ARMS = {arm: STUDY_ARMS[arm] for arm in ("base", "guarded-1e-4", "paper-b32")}  # the study's arms of these names
 
 
-def published(paper: dict[str, tuple[float, float]] = PAPER) -> dict[str, dict[str, float]]:
+def published() -> dict[str, dict[str, float]]:
     """model → arm → published mAP50: the paper's baseline beside `base`, its SOS beside the paper-mode arm."""
-    return {model: {"base": base, "paper-b32": sos} for model, (base, sos) in paper.items()}
+    return {model: {"base": base, "paper-b32": sos} for model, (base, sos) in PAPER.items()}
 
 
 PRESETS = {
