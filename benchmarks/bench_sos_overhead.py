@@ -1,28 +1,39 @@
 """What SOS costs where users train: wall time with vs without SOS, side by side, interleaved, median ratio.
 
 (a) the main job at its defaults: `sos-detect train` vs `sos-detect train --no-sos` (real processes, same seed);
-(b) a 518-image dataset at 320 px (the 37 embedded training tiles, each linked 14 times), 3 epochs, same CLI;
+(b) a 518-image dataset at 320 px (the 37 embedded training tiles, each linked 14 times), 3 epochs, each ending in
+    a shift (--sos-start 0: the steady state of a longer run, whose shifts start after the 3 warm-up epochs);
 (c) per image, YOLOv5s (nc = 20) at 640 px: a training step (forward + loss + backward; autocast on CUDA), the
     same step with the head-input Gram hooks on (the training-pass capture), and an eval capture forward (the
     separate-pass capture, sos_capture=eval), projected onto a VOC epoch (16,551 images).
-Runs alternate base/SOS order pair by pair; ratios are SOS/base per pair, medians reported. Prints a table and
-writes benchmarks/results/bench_sos_overhead.json (and, for that default CPU run, the last SOS run's log as
+Runs alternate base/SOS order pair by pair; ratios are SOS/base per pair, medians reported. Each run of (a) and (b)
+is the real command in its own process with a recorder on Ultralytics' callbacks, so its wall time splits into
+phases (start-up, training steps with and without the capture hooks, data loading, epoch end = the shift,
+validation, metrics and checkpoints, final evaluation and plots, exit); the mean per-pair difference of each phase
+adds up to the mean difference of the whole run, the account of where SOS's time goes. Prints tables and writes
+benchmarks/results/bench_sos_overhead.json (and, for that default CPU run, the last SOS run's log as
 sos_log_example.jsonl).
 Run: python benchmarks/bench_sos_overhead.py [--repeats 3] [--sections a,b,c] [--device 0 --batch 16]
-(--device 0: every section on the first GPU, the result named bench_sos_overhead_cuda.json by default)
+(--device 0: every section on the first GPU, the result named bench_sos_overhead_cuda.json by default;
+--train-args="--sos-every 2": epochs with capture alternate with epochs without, so the training steps' SOS/base
+ratio in the one against the other measures the hooks in the same processes)
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import math
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from sos_detect.runtime import configure
@@ -31,19 +42,154 @@ threads = configure()
 import torch  # noqa: E402
 
 from sos_detect.detect.embedded import REPO_ROOT  # noqa: E402
+from sos_detect.reproduce.stats import t_interval  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 VOC_TRAIN_IMAGES = 16_551
 
 
-def cli_run(args: list[str], project: Path, name: str) -> tuple[float, Path]:
-    """Wall seconds of one `sos-detect train` process and its run folder."""
-    cmd = [sys.executable, "-m", "sos_detect.cli", "train", "--project", str(project), "--name", name, *args]
+# The callbacks a timed run records (Ultralytics calls the validator's with the trainer's callback table).
+TIMED_EVENTS = (
+    "on_train_epoch_start",
+    "on_train_batch_start",
+    "on_train_batch_end",
+    "on_train_epoch_end",
+    "on_val_start",
+    "on_val_end",
+    "on_fit_epoch_end",
+    "on_train_end",
+)
+
+# Where a timed run's wall time goes: each span between two recorded callbacks belongs to one phase.
+PHASES = (
+    "start-up",
+    "data loading",
+    "steps",
+    "steps, hooks on",
+    "epoch end (shift)",
+    "validation",
+    "metrics, checkpoints",
+    "between",
+    "final eval, plots",
+    "exit",
+)
+
+
+def timed_train(events_json: str, argv: list[str]) -> int:
+    """Child process: `sos-detect train ARGV`, writing to `events_json` an [event, time.time(), capture hooks on,
+    SOS seconds so far] record at every TIMED_EVENTS callback, and the total. SOS seconds: time inside SOS code
+    (capture hooks, epoch end with the shift, held-out change, SOS log, SOS plots, the printed SOS log), outermost
+    calls only."""
+    from ultralytics.utils.callbacks import base
+
+    from sos_detect.cli import detect as cli_detect
+    from sos_detect.cli import main as cli_main
+    from sos_detect.detect import shifting, trainer
+    from sos_detect.layers import GramCapture
+
+    log: list[tuple[str, float, bool, float]] = []
+    clock = {"seconds": 0.0, "depth": 0}
+
+    def clocked(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            clock["depth"] += 1
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                clock["depth"] -= 1
+                if clock["depth"] == 0:
+                    clock["seconds"] += time.perf_counter() - start
+
+        return wrapper
+
+    hook = GramCapture._hook
+    GramCapture._hook = lambda self, name: clocked(hook(self, name))
+    for cls, name in (
+        (trainer.SOSDetectionTrainer, "_maybe_start_train_capture"),
+        (trainer.SOSDetectionTrainer, "_epoch_end"),
+        (trainer.SOSDetectionTrainer, "_write_log"),
+        (shifting.HeldOutChange, "finish"),
+    ):
+        setattr(cls, name, clocked(getattr(cls, name)))
+    trainer.plot_run = clocked(trainer.plot_run)
+    cli_detect.print_sos_log = clocked(cli_detect.print_sos_log)
+
+    def recorder(event: str) -> Callable:
+        def record(obj: object) -> None:
+            log.append((event, time.time(), getattr(obj, "_train_capture", None) is not None, clock["seconds"]))
+
+        return record
+
+    for event in TIMED_EVENTS:
+        base.default_callbacks[event].append(recorder(event))
+    try:
+        return cli_main(["train", *argv])
+    finally:
+        Path(events_json).write_text(json.dumps({"events": log, "sos_s": clock["seconds"]}))
+
+
+def phases(timed: dict, launched: float, ended: float) -> dict[str, dict[str, float]]:
+    """Seconds of each phase of one timed run (they add up to its wall time `ended − launched`) and the SOS seconds
+    within each, plus the median training step without and with the capture hooks."""
+    seconds, sos = dict.fromkeys(PHASES, 0.0), dict.fromkeys(PHASES, 0.0)
+    steps: dict[bool, list[float]] = {False: [], True: []}
+    epoch_steps: list[float] = []  # step seconds of each epoch
+    hooked_epochs: set[int] = set()
+    last, last_sos, last_event, final = launched, 0.0, "launch", False
+    for event, t, hooked, sos_s in timed["events"]:
+        final = final or (last_event == "on_fit_epoch_end" and event in ("on_val_start", "on_train_end"))
+        if event == "on_train_epoch_start":
+            epoch_steps.append(0.0)
+        if final:
+            phase = "final eval, plots"
+        elif last_event == "launch":
+            phase = "start-up"
+        elif event == "on_train_batch_start":
+            phase = "data loading"
+        elif event == "on_train_batch_end":
+            phase = "steps, hooks on" if hooked else "steps"
+            steps[hooked].append(t - last)
+            epoch_steps[-1] += t - last
+            if hooked:
+                hooked_epochs.add(len(epoch_steps) - 1)
+        elif event == "on_train_epoch_end":
+            phase = "epoch end (shift)"
+        elif event == "on_val_end":
+            phase = "validation"
+        elif event == "on_fit_epoch_end":
+            phase = "metrics, checkpoints"
+        else:  # EMA attributes and memory checks before a validation, the gap before the next epoch
+            phase = "between"
+        seconds[phase] += t - last
+        sos[phase] += sos_s - last_sos
+        last, last_sos, last_event = t, sos_s, event
+    seconds["exit"] += ended - last
+    sos["exit"] += timed["sos_s"] - last_sos
+    return {
+        "seconds": seconds,
+        "sos_code_s": sos,
+        "step_s": {
+            "plain": statistics.median(steps[False]) if steps[False] else math.nan,
+            "hooked": statistics.median(steps[True]) if steps[True] else math.nan,
+        },
+        "epoch_step_s": epoch_steps,
+        "hooked_epochs": sorted(hooked_epochs),
+    }
+
+
+def cli_run(args: list[str], project: Path, name: str) -> tuple[float, Path, dict[str, float]]:
+    """Wall seconds of one `sos-detect train` process, its run folder and its phases."""
+    events = project / f"{name}_events.json"
+    cmd = [sys.executable, __file__, "--timed", str(events), "--project", str(project), "--name", name, *args]
+    launched = time.time()
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT)
+    seconds = time.perf_counter() - start
     if proc.returncode:
         raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}: {proc.stderr[-3000:]}")
-    return time.perf_counter() - start, project / name
+    return seconds, project / name, phases(json.loads(events.read_text()), launched, launched + seconds)
 
 
 def sos_seconds(run: Path) -> float:
@@ -56,21 +202,38 @@ def sos_seconds(run: Path) -> float:
 
 
 def paired(label: str, args: list[str], repeats: int, work: Path, example_log: Path | None = None) -> dict:
-    """Interleaved base/SOS pairs of the same command; median of the per-pair wall-time ratios. The last SOS run's
-    sos_log.jsonl is copied to `example_log` when given."""
+    """Interleaved base/SOS pairs of the same command: median of the per-pair wall-time ratios, the mean paired
+    difference with its 95 % t-interval, and per phase the mean paired difference (they add up to the total's) and
+    the seconds inside SOS code. The last SOS run's sos_log.jsonl is copied to `example_log` when given."""
     pairs = []
     for r in range(repeats):
         order = ("base", "sos") if r % 2 == 0 else ("sos", "base")
-        times = {}
+        pair: dict = {}
         for arm in order:
-            seconds, run = cli_run(args + ([] if arm == "sos" else ["--no-sos"]), work, f"{label}_{arm}_{r}")
-            times[arm] = seconds
+            seconds, run, phase_s = cli_run(args + ([] if arm == "sos" else ["--no-sos"]), work, f"{label}_{arm}_{r}")
+            pair[arm], pair[f"{arm}_phases"] = seconds, phase_s
             if arm == "sos":
-                times["shift_s"] = sos_seconds(run)
+                pair["shift_s"] = sos_seconds(run)
                 if example_log:
                     shutil.copy(run / "sos_log.jsonl", example_log)
-        pairs.append({**times, "ratio": times["sos"] / times["base"]})
+        pairs.append({**pair, "ratio": pair["sos"] / pair["base"]})
     ratios = [p["ratio"] for p in pairs]
+    base_s = statistics.mean(p["base"] for p in pairs)
+    diffs = [p["sos"] - p["base"] for p in pairs]
+    code = [sum(p["sos_phases"]["sos_code_s"].values()) - sum(p["base_phases"]["sos_code_s"].values()) for p in pairs]
+    speed = [step_ratios(p) for p in pairs]
+    account = {}
+    for phase in PHASES:
+        d = [p["sos_phases"]["seconds"][phase] - p["base_phases"]["seconds"][phase] for p in pairs]
+        account[phase] = {
+            "base_s": statistics.mean(p["base_phases"]["seconds"][phase] for p in pairs),
+            "sos_s": statistics.mean(p["sos_phases"]["seconds"][phase] for p in pairs),
+            "diff_s": statistics.mean(d),
+            "diff_std_s": statistics.stdev(d) if len(d) > 1 else math.nan,
+            "diff_of_base_run": statistics.mean(d) / base_s,
+            "sos_code_s": statistics.mean(p["sos_phases"]["sos_code_s"][phase] for p in pairs),
+            "base_sos_code_s": statistics.mean(p["base_phases"]["sos_code_s"][phase] for p in pairs),
+        }
     return {
         "command": "sos-detect train " + " ".join(args),
         "pairs": pairs,
@@ -79,7 +242,67 @@ def paired(label: str, args: list[str], repeats: int, work: Path, example_log: P
         "max_ratio": max(ratios),
         "median_base_s": statistics.median(p["base"] for p in pairs),
         "median_shift_s": statistics.median(p["shift_s"] for p in pairs),
+        "mean_diff_s": statistics.mean(diffs),
+        "mean_diff_ci95_s": t_interval(diffs) if len(diffs) > 1 else (math.nan, math.nan),
+        "mean_diff_of_base_run": statistics.mean(diffs) / base_s,
+        "sos_code_diff_s": statistics.mean(code),
+        "sos_code_diff_of_base_run": statistics.mean(code) / base_s,
+        "phases": account,
+        "step_ratio_capture_epochs": median(r[0] for r in speed),
+        "step_ratio_other_epochs": median(r[1] for r in speed),
+        "step_ratio_capture_over_other": median(r[0] / r[1] for r in speed),
+        "median_step_s": {
+            f"{arm} {kind}": median(p[f"{arm}_phases"]["step_s"][kind] for p in pairs)
+            for arm in ("base", "sos")
+            for kind in ("plain", "hooked")
+        },
     }
+
+
+def step_ratios(pair: dict) -> tuple[float, float]:
+    """SOS/base ratio of the training-step seconds in the epochs the SOS run captured in, and in the others (no SOS
+    code runs in their steps: the ratio there is how fast the two processes ran). NaN where there are none."""
+    captured = set(pair["sos_phases"]["hooked_epochs"])
+    out = []
+    for inside in (True, False):
+        sums = [
+            sum(s for e, s in enumerate(pair[f"{arm}_phases"]["epoch_step_s"]) if (e in captured) == inside)
+            for arm in ("sos", "base")
+        ]
+        out.append(sums[0] / sums[1] if sums[1] else math.nan)
+    return out[0], out[1]
+
+
+def median(values: Iterable[float]) -> float:
+    """Median of the finite values (a run without hooked steps has NaN for their median); NaN if none."""
+    finite = [v for v in values if math.isfinite(v)]
+    return statistics.median(finite) if finite else math.nan
+
+
+def print_account(section: str, result: dict) -> None:
+    """The phase table of one paired section: mean seconds per run, base and SOS, their mean difference, and the
+    seconds spent inside SOS code (in the SOS runs; in the --no-sos runs the trainer's head-norm column and plots)."""
+    print(f"\n{section}: {result['command']} ({len(result['pairs'])} pairs)")
+    head = f"{'phase':<22} {'base s':>8} {'SOS s':>8} {'diff s':>8} {'± std':>6} {'of base':>8} {'SOS code s':>11}"
+    print(head + f" {'(base)':>7}")
+    for phase, row in result["phases"].items():
+        print(
+            f"{phase:<22} {row['base_s']:>8.3f} {row['sos_s']:>8.3f} {row['diff_s']:>+8.3f} {row['diff_std_s']:>6.3f} "
+            f"{100 * row['diff_of_base_run']:>+7.2f}% {row['sos_code_s']:>11.3f} {row['base_sos_code_s']:>7.3f}"
+        )
+    lo, hi = result["mean_diff_ci95_s"]
+    print(
+        f"whole run: {result['mean_diff_s']:+.3f} s = {100 * result['mean_diff_of_base_run']:+.2f} % of the base run "
+        f"(95 % interval [{lo:+.3f}, {hi:+.3f}] s), median ratio {result['median_ratio']:.4f}; inside SOS code "
+        f"{result['sos_code_diff_s']:+.3f} s = {100 * result['sos_code_diff_of_base_run']:+.2f} %"
+    )
+    steps = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in result["median_step_s"].items() if math.isfinite(v))
+    print(f"median training step: {steps}")
+    print(
+        f"training steps SOS/base (median over pairs): {result['step_ratio_capture_epochs']:.4f} in the epochs with "
+        f"capture, {result['step_ratio_other_epochs']:.4f} in the others; capture/other "
+        f"{result['step_ratio_capture_over_other']:.4f}"
+    )
 
 
 def repeated_dataset(work: Path, copies: int = 14) -> Path:
@@ -180,6 +403,8 @@ def device_arg(value: str) -> str:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--timed"]:  # a child run of sections a and b
+        sys.exit(timed_train(sys.argv[2], sys.argv[3:]))
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--sections", default="a,b,c")
@@ -188,28 +413,32 @@ def main() -> None:
     ap.add_argument("--model", default="yolov5s.yaml", help="model of section c (the main job's: yolov5n.yaml)")
     ap.add_argument("--nc", type=int, default=20, help="classes of section c (VOC's 20; the main job's 1)")
     ap.add_argument("--imgsz", type=int, default=640, help="image size of section c (the main job's 320)")
+    ap.add_argument("--train-args", default="", help="more `sos-detect train` arguments for sections a and b")
     ap.add_argument("--out", default=None, help="default results/bench_sos_overhead[_cuda].json")
     a = ap.parse_args()
     sections = a.sections.split(",")
     out = a.out or RESULTS / ("bench_sos_overhead.json" if a.device == "cpu" else "bench_sos_overhead_cuda.json")
     result = {"torch": torch.__version__, "threads": threads, "cpu_count": os.cpu_count(), "repeats": a.repeats}
     result["device"] = "cpu" if a.device == "cpu" else torch.cuda.get_device_name(torch.device("cuda", int(a.device)))
-    device_args = [] if a.device == "cpu" else ["--device", a.device]
+    run_args = ([] if a.device == "cpu" else ["--device", a.device]) + shlex.split(a.train_args)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         if "a" in sections:
             example = RESULTS / "sos_log_example.jsonl" if a.out is None and a.device == "cpu" else None
-            result["a_main_job"] = paired("a", device_args, a.repeats, work, example)
+            result["a_main_job"] = paired("a", run_args, a.repeats, work, example)
         if "b" in sections:
             yaml = repeated_dataset(work)
             result["b_518_images_320px"] = paired(
-                "b", ["--data", str(yaml), "--epochs", "3", *device_args], a.repeats, work
+                "b", ["--data", str(yaml), "--epochs", "3", "--sos-start", "0", *run_args], a.repeats, work
             )
     if "c" in sections:
         key = f"c_{Path(a.model).stem}_{a.imgsz}_per_image"
         result[key] = per_image_costs(max(a.repeats, 5), a.device, a.batch, a.model, a.nc, a.imgsz)
     print(f"{'quantity':<58} {'value':>12}")
     for section, values in result.items():
+        if isinstance(values, dict) and "phases" in values:
+            print_account(section, values)
+            continue
         if not isinstance(values, dict):
             print(f"{section:<58} {values!s:>12}")
             continue

@@ -46,16 +46,14 @@ def check_layer(layer: nn.Module, name: str = "layer") -> None:
 
 
 def layer_rows(layer: nn.Module, x: Tensor) -> Tensor:
-    """The rows A (r, m) that `layer` multiplies by V, from its input x.
-
-    For a 1×1 conv the rows are a transposed view of one contiguous (m, r) buffer, the layout in which AᵀA is
-    one matrix product without a further copy.
-    """
+    """The rows A that `layer` multiplies by V, from its input x, as blocks (b, r, m): a 1×1 conv's are one block
+    per image, each a transposed view of that image's (m, positions) features, so Σ_k A_kᵀA_k is one batched
+    product without a copy; a Linear's are one block (1, r, m)."""
     if isinstance(layer, nn.Conv2d):
         sy, sx = layer.stride
         x = x[:, :, ::sy, ::sx]
-        return x.transpose(0, 1).reshape(layer.in_channels, -1).T
-    return x.reshape(-1, layer.in_features)
+        return x.reshape(x.shape[0], layer.in_channels, -1).mT
+    return x.reshape(1, -1, layer.in_features)
 
 
 def as_v(t: Tensor) -> Tensor:
@@ -171,7 +169,7 @@ class GramCapture:
                     self.skipped[name] += 1
                     return
                 if self._samplers:
-                    self._samplers[name].add(a)
+                    self._samplers[name].add(a.reshape(-1, a.shape[-1]))
             self.seen[name] += x.shape[0]
 
         return hook

@@ -32,20 +32,21 @@ class GramAccumulator:
         self._rows = 0
 
     def update(self, rows: Tensor) -> None:
-        """Add AᵀA for rows A of shape (r, m); float64 on the rows' device."""
-        if rows.ndim != 2 or rows.shape[1] != self.m:
-            raise ValueError(f"expected rows of shape (r, {self.m}), got {tuple(rows.shape)}")
+        """Add AᵀA for rows A of shape (r, m), or Σ_k A_kᵀA_k for b blocks of rows (b, r, m); float64 on the
+        rows' device. Blocks that are transposed views of (m, r) features need no copy (one batched product)."""
+        if rows.ndim not in (2, 3) or rows.shape[-1] != self.m:
+            raise ValueError(f"expected rows of shape (r, {self.m}) or (b, r, {self.m}), got {tuple(rows.shape)}")
         if not rows.is_floating_point():
             raise ValueError(f"expected floating-point rows, got {rows.dtype}")
         a = rows.detach().to(torch.float64)  # keeps a transposed view's layout: aᵀ is then contiguous
-        part = a.T @ a
+        part = a.mT @ a if a.ndim == 2 else (a.mT @ a).sum(0)
         if not torch.isfinite(part).all():  # a NaN/Inf row poisons its row and column of AᵀA
             raise ValueError("rows contain NaN or Inf; refusing to accumulate a non-finite Gram matrix")
         if self._gram is None:
             self._gram = part
         else:
             self._gram += part.to(self._gram.device)
-        self._rows += a.shape[0]
+        self._rows += a.shape[0] if a.ndim == 2 else a.shape[0] * a.shape[1]
 
     def merge(self, other: GramAccumulator) -> GramAccumulator:
         """Add another accumulator's rows into this one (G is a sum); returns self."""

@@ -25,7 +25,7 @@ def test_conv1x1_equals_per_position_linear(rng):
         lin.weight.copy_(conv.weight[:, :, 0, 0])
         lin.bias.copy_(conv.bias)
     x = torch.randn(3, 6, 9, 7, generator=rng)
-    rows = layer_rows(conv, x)
+    rows = layer_rows(conv, x).reshape(-1, 6)  # one block per image, stacked
     out = conv(x).permute(0, 2, 3, 1).reshape(-1, 4)
     torch.testing.assert_close(rows @ as_v(conv.weight) + conv.bias, out)
     torch.testing.assert_close(lin(rows), out)

@@ -141,6 +141,18 @@ def test_merge_equals_single_accumulator(rng):
     torch.testing.assert_close(left.gram, one.gram, rtol=1e-12, atol=1e-12)
 
 
+def test_blocks_of_rows_equal_their_stacked_rows(rng):
+    feats = torch.randn(3, 8, 11, generator=rng)  # 3 images' (m, positions) features: blocks as transposed views
+    blocks = feats.mT
+    acc = GramAccumulator(8)
+    acc.update(blocks)
+    stacked = np.concatenate([f.numpy().T for f in feats]).astype(np.float64)
+    assert acc.rows == 33
+    np.testing.assert_allclose(acc.gram.numpy(), stacked.T @ stacked, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        acc.update(torch.full((2, 4, 8), math.nan))
+
+
 def test_output_change_from_gram_equals_direct(rng):
     a = torch.randn(30, 6, generator=rng, dtype=torch.float64)
     v, w = torch.randn(6, 3, generator=rng, dtype=torch.float64), torch.randn(6, 3, generator=rng, dtype=torch.float64)
