@@ -60,7 +60,9 @@ TIMED_EVENTS = (
     "on_train_end",
 )
 
-# Where a timed run's wall time goes: each span between two recorded callbacks belongs to one phase.
+# Where a timed run's wall time goes: each span between two recorded callbacks belongs to one phase. "data loading"
+# is the span before a step: the loader's next batch plus the loop's per-batch set-up (progress bar, warm-up learning
+# rate, the capture's start). A --no-sos run has no hooked steps, so the two step rows compare only as their sum.
 PHASES = (
     "start-up",
     "data loading",
@@ -290,6 +292,12 @@ def print_account(section: str, result: dict) -> None:
             f"{phase:<22} {row['base_s']:>8.3f} {row['sos_s']:>8.3f} {row['diff_s']:>+8.3f} {row['diff_std_s']:>6.3f} "
             f"{100 * row['diff_of_base_run']:>+7.2f}% {row['sos_code_s']:>11.3f} {row['base_sos_code_s']:>7.3f}"
         )
+    steps = [result["phases"][k] for k in ("steps", "steps, hooks on")]
+    base, sos = sum(r["base_s"] for r in steps), sum(r["sos_s"] for r in steps)
+    print(
+        f"{'(all steps)':<22} {base:>8.3f} {sos:>8.3f} {sos - base:>+8.3f} {'':>6} "
+        f"{100 * sum(r['diff_of_base_run'] for r in steps):>+7.2f}% {sum(r['sos_code_s'] for r in steps):>11.3f}"
+    )
     lo, hi = result["mean_diff_ci95_s"]
     print(
         f"whole run: {result['mean_diff_s']:+.3f} s = {100 * result['mean_diff_of_base_run']:+.2f} % of the base run "

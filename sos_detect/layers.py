@@ -52,7 +52,7 @@ def layer_rows(layer: nn.Module, x: Tensor) -> Tensor:
     if isinstance(layer, nn.Conv2d):
         sy, sx = layer.stride
         x = x[:, :, ::sy, ::sx]
-        return x.reshape(x.shape[0], layer.in_channels, -1).mT
+        return x.flatten(2).mT
     return x.reshape(1, -1, layer.in_features)
 
 
