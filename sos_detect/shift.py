@@ -39,14 +39,15 @@ class GramAccumulator:
         if not rows.is_floating_point():
             raise ValueError(f"expected floating-point rows, got {rows.dtype}")
         a = rows.detach().to(torch.float64)  # keeps a transposed view's layout: aᵀ is then contiguous
-        part = a.mT @ a if a.ndim == 2 else (a.mT @ a).sum(0)
+        a = a if a.ndim == 3 else a.unsqueeze(0)  # one block
+        part = (a.mT @ a).sum(0)
         if not torch.isfinite(part).all():  # a NaN/Inf row poisons its row and column of AᵀA
             raise ValueError("rows contain NaN or Inf; refusing to accumulate a non-finite Gram matrix")
         if self._gram is None:
             self._gram = part
         else:
             self._gram += part.to(self._gram.device)
-        self._rows += a.shape[0] if a.ndim == 2 else a.shape[0] * a.shape[1]
+        self._rows += a.shape[0] * a.shape[1]
 
     def merge(self, other: GramAccumulator) -> GramAccumulator:
         """Add another accumulator's rows into this one (G is a sum); returns self."""
