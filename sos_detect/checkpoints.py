@@ -54,12 +54,13 @@ def state_dict_of(obj: Any) -> dict[str, torch.Tensor] | None:
 
 
 def _network_kind(net: nn.Module) -> tuple[str, str]:
-    from sos_detect.detect.heads import detect_head
+    from sos_detect.detect.heads import detect_head, head_task
 
     try:
-        detect_head(net)
+        task = head_task(detect_head(net))
         nc = int(getattr(net, "nc", 0) or len(getattr(net, "names", {}) or {}))
-        return DETECTOR, f"a YOLO detector checkpoint ({type(net).__name__}, {nc} class{'es' * (nc != 1)})"
+        what = "detector" if task == "detect" else f"{task} model"
+        return DETECTOR, f"a YOLO {what} checkpoint ({type(net).__name__}, {nc} class{'es' * (nc != 1)})"
     except TypeError:
         pass
     if type(net).__name__ == "ClassificationModel":

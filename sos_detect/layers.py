@@ -20,8 +20,47 @@ from sos_detect.runtime import one_thread
 from sos_detect.shift import GramAccumulator, GramSpectrum, ShiftInfo, output_change, solve_shift, spectrum
 
 LOGGER = logging.getLogger("sos_detect")
-FIRST_MOMENTS = ("momentum_buffer", "exp_avg")
 MODES = ("guarded", "paper")
+# Per optimiser (every one Ultralytics builds): its weight-shaped state tensors that are running sums of gradients
+# (first moments, linear in the gradients: a shift V' = MV maps them by the same M) and those that are per-coordinate
+# scales (second moments: kept as they are; no linear map carries a coordinate-wise statistic to the new basis, and
+# zeroing them with the step counter kept would blow up the next steps). Scalars (step, mu_product) are untouched.
+OPTIMIZER_STATE: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "SGD": (("momentum_buffer",), ()),
+    "MuSGD": (("momentum_buffer", "momentum_buffer_SGD"), ()),  # Muon's momentum and its SGD part's
+    "Adam": (("exp_avg",), ("exp_avg_sq", "max_exp_avg_sq")),
+    "AdamW": (("exp_avg",), ("exp_avg_sq", "max_exp_avg_sq")),
+    "NAdam": (("exp_avg",), ("exp_avg_sq",)),
+    "RAdam": (("exp_avg",), ("exp_avg_sq",)),
+    "Adamax": (("exp_avg",), ("exp_inf",)),
+    "RMSprop": (("momentum_buffer", "grad_avg"), ("square_avg",)),
+}
+
+
+def first_moments(optimizer: torch.optim.Optimizer) -> tuple[str, ...]:
+    """The state keys a shift maps for this optimiser (OPTIMIZER_STATE); an optimiser not in the table is a
+    TypeError: its state would be half-mapped."""
+    name = type(optimizer).__name__
+    if name not in OPTIMIZER_STATE:
+        raise TypeError(
+            f"optimizer {name}: SOS does not know which of its state tensors to map with a shift "
+            f"(known: {', '.join(OPTIMIZER_STATE)})"
+        )
+    return OPTIMIZER_STATE[name][0]
+
+
+def first_moment_tensors(optimizer: torch.optim.Optimizer, w: Tensor) -> dict[str, Tensor]:
+    """The first-moment state tensors of weight w; a weight-shaped state the table does not name is a ValueError."""
+    firsts, seconds = first_moments(optimizer), OPTIMIZER_STATE[type(optimizer).__name__][1]
+    out = {}
+    for key, buf in optimizer.state.get(w, {}).items():
+        if not (isinstance(buf, Tensor) and buf.shape == w.shape):
+            continue
+        if key in firsts:
+            out[key] = buf
+        elif key not in seconds:
+            raise ValueError(f"optimizer {type(optimizer).__name__}: unknown state '{key}' of a shifted weight")
+    return out
 
 
 def check_layer(layer: nn.Module, name: str = "layer") -> None:
@@ -239,8 +278,8 @@ def apply_shift(
 ) -> None:
     """Write V' into the layer's weight in place; map its first-moment optimiser state by the same M.
 
-    SGD `momentum_buffer` and Adam/AdamW `exp_avg` become M·buffer (in the V layout); second moments
-    are left alone.
+    Every first moment of OPTIMIZER_STATE (SGD/MuSGD momenta, Adam-family `exp_avg`, RMSprop's momentum and
+    `grad_avg`) becomes M·buffer in the V layout; second moments are left alone.
     """
     check_layer(layer)
     w = layer.weight
@@ -250,11 +289,8 @@ def apply_shift(
         raise ValueError("apply_shift needs `info` (the shift's linear map) to update optimiser state")
     write_v(w, V_new.to(w.dtype))
     if optimizer is not None:
-        state = optimizer.state.get(w, {})
-        for key in FIRST_MOMENTS:
-            buf = state.get(key)
-            if isinstance(buf, Tensor) and buf.shape == w.shape:
-                write_v(buf, info.apply(as_v(buf)))
+        for buf in first_moment_tensors(optimizer, w).values():
+            write_v(buf, info.apply(as_v(buf)))
 
 
 @dataclass
@@ -333,10 +369,7 @@ def _snapshot(named: Mapping[str, nn.Module], optimizer: torch.optim.Optimizer |
         w = layer.weight
         saved.append((w, w.detach().clone()))
         if optimizer is not None:
-            for key in FIRST_MOMENTS:
-                buf = optimizer.state.get(w, {}).get(key)
-                if isinstance(buf, Tensor):
-                    saved.append((buf, buf.detach().clone()))
+            saved += [(buf, buf.detach().clone()) for buf in first_moment_tensors(optimizer, w).values()]
     return saved
 
 

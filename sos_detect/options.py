@@ -115,10 +115,11 @@ SOS_OPTIONS: tuple[Option, ...] = (
         "sos_heads",
         str,
         "box,cls",
-        "head convs to shift: box, cls or box,cls",
+        "head convs to shift: box, cls, and a task's own output convs (mask for segment, kpt for pose, angle for "
+        "OBB), comma-separated",
         "shift",
         check=_heads_ok,
-        rule="a comma-separated subset of box, cls",
+        rule="a comma-separated subset of box, cls, mask, kpt, angle",
     ),
     _option(
         "sos_loss_tol",
@@ -160,6 +161,36 @@ SOS_OPTIONS: tuple[Option, ...] = (
         check=_POSITIVE,
         rule=_ONE,
     ),
+    _option(
+        "sos_ema",
+        str,
+        "own",
+        "how the EMA (the network validated and saved) is shifted: own = on its own eval pass over --sos-ema-images "
+        "letterboxed training images (its output change on unseen images stays near τ); grams = on the model's "
+        "training-pass Grams (no extra pass; its change on unseen images reaches tens of τ); follow = not shifted, "
+        "it follows the shifted model through its updates",
+        "schedule",
+        choices=("own", "grams", "follow"),
+    ),
+    _option(
+        "sos_ema_images",
+        int,
+        8,
+        "letterboxed training images of the EMA's own capture pass (--sos-ema own)",
+        "schedule",
+        check=_POSITIVE,
+        rule=_ONE,
+    ),
+    _option(
+        "sos_order",
+        str,
+        "end",
+        "end = shift after an epoch's training, before its validation and checkpoint; start = the paper's Algorithm 1: "
+        "shift at the start of the next epoch (on the Grams captured at the end of the last), then train it, so every "
+        "validation follows a full epoch of training after a shift",
+        "schedule",
+        choices=("end", "start"),
+    ),
     _option("sos_every", int, 1, "shift every N epochs", "schedule", check=_POSITIVE, rule=_ONE),
     _option(
         "sos_start",
@@ -171,7 +202,13 @@ SOS_OPTIONS: tuple[Option, ...] = (
         rule=_ZERO,
         optional=True,
     ),
-    _option("sos_final", bool, True, "shift once more after the final epoch, before the last validation", "schedule"),
+    _option(
+        "sos_final",
+        bool,
+        True,
+        "shift once more after the final epoch, before the last validation (--sos-order end only)",
+        "schedule",
+    ),
     _option(
         "sos_hessian_every",
         int,

@@ -46,6 +46,14 @@ CKPT_DATA_HELP = f"{DATA_HELP} (default: the checkpoint's, else the embedded tre
 IMAGES = Option("images", int, 16, "training images in the loss batch", *at_least(1))
 PROBES = Option("probes", int, 64, "Hessian-vector products at most per trace", *at_least(1))
 TOP_K = Option("k", int, 3, "top eigenvalues to report", *at_least(1))
+TRAIN_BATCH = Option(
+    "batch",
+    float,
+    8,
+    "batch size; -1 or a fraction in (0, 1): Ultralytics' AutoBatch for that share of GPU memory (on CPU it uses 16)",
+    check=lambda v: v == -1 or 0 < v < 1 or (v >= 1 and float(v).is_integer()),
+    rule="a whole number >= 1, -1, or a fraction in (0, 1)",
+)
 OPTIMIZERS = ("auto", "SGD", "MuSGD", "Adam", "Adamax", "AdamW", "NAdam", "RAdam", "RMSprop")  # Ultralytics' names
 OPTIMIZER = Option(
     "optimizer",
@@ -104,7 +112,11 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
         passthrough=True,
     )
     t.add_argument(
-        "--cfg", default="yolov5n.yaml", help="model YAML or .pt (Ultralytics' model=); yolov5s.yaml is YOLOv5u"
+        "--cfg",
+        default="yolov5n.yaml",
+        help="model YAML or .pt (Ultralytics' model=; yolov5s.yaml is YOLOv5u; the task — detect, segment, pose, obb — "
+        "comes from it), or a finished run's args.yaml to replay it (its sos_args.yaml beside it too; options you type "
+        "override the file's)",
     )
     t.add_argument(
         "--data",
@@ -112,8 +124,18 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
         help=f"{DATA_HELP} (default: the embedded tree dataset, then with nbs = batch so that every batch is an "
         "optimizer step)",
     )
-    t.add_argument("--weights", default=None, help="start from this detector checkpoint's weights (fine-tuning)")
-    add_options(t, (EPOCHS, SEED, replace(IMGSZ, default=320), replace(BATCH, default=8)))
+    t.add_argument(
+        "--weights",
+        default=None,
+        help="fine-tune this checkpoint: alone, its own architecture (as model=X.pt); with a model YAML --cfg, the "
+        "tensors that fit (Ultralytics' pretrained=), refused when the box head or half the tensors do not",
+    )
+    t.add_argument(
+        "--allow-partial",
+        action="store_true",
+        help="with --cfg Y.yaml --weights X.pt: train even when few of X's tensors fit Y",
+    )
+    add_options(t, (EPOCHS, SEED, replace(IMGSZ, default=320), TRAIN_BATCH))
     t.add_argument("--project", default="runs/sos", help="output root")
     t.add_argument("--name", default="train", help="run name; an existing run is never overwritten (train2, …)")
     t.add_argument(
@@ -200,27 +222,63 @@ def _hessian_parser(sub: argparse._SubParsersAction) -> None:
 def cmd_train(a: argparse.Namespace) -> int:
     from ultralytics import YOLO
 
-    from sos_detect.checkpoints import load_detector
     from sos_detect.detect.data import load_data
-    from sos_detect.detect.trainer import SOSDetectionTrainer
+    from sos_detect.detect.heads import missing_kind
+    from sos_detect.detect.models import model_task
+    from sos_detect.detect.trainer import sos_trainer
 
+    if a.cfg.lower().endswith((".yaml", ".yml")):
+        _replay(a)
     device = resolve_device(a)
     resume = a.resume if a.resume is not None else a.cli_overrides.pop("resume", None)
     if resume not in (None, False):
         return _resume(a, resume, device)
     exist_ok = bool(a.cli_overrides.get("exist_ok", False))
     check_writable_dir(a.project, typed(a, "project"))
-    data_yaml, data = load_data(a.data, typed(a, "data") if a.data else None)
-    if a.cfg.endswith(".pt"):
-        load_detector(a.cfg, name(a, "cfg"))
-    if a.weights:
-        load_detector(a.weights, name(a, "weights"))
-    model = YOLO(a.cfg)
-    _check_train_rows(a, model, int(data["nc"]))
-    overrides = _train_overrides(a, data_yaml, device)
+    fine_tune = a.weights is not None and "cfg" not in a.cli_names  # --weights X.pt alone: X's own architecture
+    source, flag = (a.weights, name(a, "weights")) if fine_tune else (a.cfg, name(a, "cfg"))
+    task = model_task(source, flag)
+    wanted = a.cli_overrides.pop("task", None)
+    if wanted not in (None, task):
+        raise OptionError(f"{name(a, 'task')}{wanted}: {spell(flag, source)} is a {task} model")
+    if missing_kind(a.sos_heads, task):
+        raise OptionError(f"{typed(a, 'sos_heads')}: {missing_kind(a.sos_heads, task)}")
+    data_yaml, data = load_data(a.data, typed(a, "data") if a.data else None, task=task)
+    if a.weights and not fine_tune:
+        model_task(a.weights, name(a, "weights"))  # a detector checkpoint, checked before anything is built
+    model = YOLO(source, task=task)
+    _check_train_model(a, model, task, data, fine_tune)
+    overrides = _train_overrides(a, data_yaml, device, fine_tune)
     with run_folder_removed_on_failure(model, a.project, a.name, exist_ok):
-        model.train(trainer=SOSDetectionTrainer, **overrides)
+        model.train(trainer=sos_trainer(task), **overrides)
     return _report(model.trainer)
+
+
+def _replay(a: argparse.Namespace) -> None:
+    """--cfg RUN/args.yaml (Ultralytics' cfg=): the run's model, its settings and its SOS options (sos_args.yaml
+    beside it) become the values of every option not typed, so the command trains the same run again (in a new
+    folder: exist_ok is off unless typed)."""
+    from ultralytics.utils import DEFAULT_CFG_DICT
+
+    from sos_detect.detect.models import is_args_yaml, read_yaml_dict
+    from sos_detect.detect.trainer import SOS_ARGS
+
+    settings = read_yaml_dict(a.cfg, typed(a, "cfg"))
+    if not is_args_yaml(settings):
+        return
+    sos = read_yaml_dict(Path(a.cfg).parent / SOS_ARGS, f"{Path(a.cfg).parent / SOS_ARGS}") or {}
+    given = set(a.cli_names) | set(a.cli_overrides)
+    a.cfg = str(settings["model"])
+    skip = {"model", "mode", "task", "save_dir", "resume", "exist_ok", "cfg"}
+    for key, value in {**settings, **sos}.items():
+        if key in given or key in skip:
+            continue
+        if key == "pretrained" and isinstance(value, str):
+            a.weights, a.cli_names["cfg"] = value, name(a, "cfg")  # the YAML model took these weights
+        elif hasattr(a, key) and key not in ("weights", "opt"):
+            setattr(a, key, value)
+        elif key in DEFAULT_CFG_DICT:
+            a.cli_overrides[key] = value
 
 
 def _resume(a: argparse.Namespace, resume: Any, device: str) -> int:
@@ -229,7 +287,8 @@ def _resume(a: argparse.Namespace, resume: Any, device: str) -> int:
     from ultralytics.utils.files import get_latest_run
 
     from sos_detect.checkpoints import load_detector
-    from sos_detect.detect.trainer import SOSDetectionTrainer
+    from sos_detect.detect.heads import detect_head, head_task
+    from sos_detect.detect.trainer import sos_trainer
 
     flag = name(a, "resume")
     if resume is True or str(resume).lower() == "true":
@@ -243,7 +302,8 @@ def _resume(a: argparse.Namespace, resume: Any, device: str) -> int:
     if ckpt.get("epoch", -1) < 0 or ckpt.get("optimizer") is None:
         raise OptionError(f"{flag}: a finished run (no optimizer state); fine-tune from it with --weights instead")
     model = YOLO(last)
-    model.train(trainer=SOSDetectionTrainer, resume=True, device=device, **a.cli_overrides)
+    trainer = sos_trainer(head_task(detect_head(ckpt.get("ema") or ckpt["model"])))
+    model.train(trainer=trainer, resume=True, device=device, **a.cli_overrides)
     return _report(model.trainer)
 
 
@@ -255,12 +315,12 @@ def _report(trainer: Any) -> int:
     return 0
 
 
-def _train_overrides(a: argparse.Namespace, data_yaml: str, device: str) -> dict[str, Any]:
+def _train_overrides(a: argparse.Namespace, data_yaml: str, device: str, fine_tune: bool) -> dict[str, Any]:
     overrides = {
         "data": data_yaml,
         "epochs": a.epochs,
         "imgsz": a.imgsz,
-        "batch": a.batch,
+        "batch": int(a.batch) if float(a.batch).is_integer() else a.batch,
         "device": device,
         "seed": a.seed,
         "project": str(Path(a.project).resolve()),
@@ -271,23 +331,25 @@ def _train_overrides(a: argparse.Namespace, data_yaml: str, device: str) -> dict
         **{o.key: getattr(a, o.key) for o in SOS_OPTIONS},
         **a.cli_overrides,
     }
-    if a.weights:
+    if a.weights and not fine_tune:
         overrides["pretrained"] = a.weights
     if a.data is None:  # the embedded 37 images are less than one nominal batch: step the optimizer every batch
-        overrides.setdefault("nbs", a.batch)
+        overrides.setdefault("nbs", overrides["batch"] if overrides["batch"] >= 1 else 16)
     return overrides
 
 
-def _check_train_rows(a: argparse.Namespace, model: Any, nc: int) -> None:
-    """--sos-rows below the head widths of the network this run trains (its class count is the data's)."""
-    if a.sos_rows is None:
+def _check_train_model(a: argparse.Namespace, model: Any, task: str, data: dict[str, Any], fine_tune: bool) -> None:
+    """On the network this run trains (the data's class count): --weights transfers into a YAML model, and
+    --sos-rows is below the head widths."""
+    from sos_detect.detect.models import check_transfer, task_model
+
+    if a.sos_rows is None and (fine_tune or not a.weights):
         return
-    import copy
-
-    from ultralytics.nn.tasks import DetectionModel
-
-    net = DetectionModel(copy.deepcopy(model.model.yaml), nc=nc, verbose=False)
-    check_rows_below_width(a.sos_rows, _head_widths(net, a.sos_heads), typed(a, "sos_rows"))
+    net = task_model(model.model.yaml, task, data)
+    if a.weights and not fine_tune:
+        check_transfer(net, a.weights, name(a, "weights"), a.allow_partial)
+    if a.sos_rows is not None:
+        check_rows_below_width(a.sos_rows, _head_widths(net, a.sos_heads), typed(a, "sos_rows"))
 
 
 def _head_widths(net: Any, heads: str) -> dict[str, int]:
@@ -319,8 +381,10 @@ def _open_checkpoint(a: argparse.Namespace) -> tuple[dict[str, Any], str, dict[s
     it uses. The data must have the checkpoint's class count."""
     from sos_detect.checkpoints import check_class_count, load_detector
     from sos_detect.detect.data import load_data
+    from sos_detect.detect.heads import detect_head, head_task
 
     ckpt = load_detector(a.weights, name(a, "weights"))
+    task = head_task(detect_head(ckpt.get("ema") or ckpt["model"]))
     stored = ckpt.get("train_args") or {}
     sources = {}
     for key, fallback in (("imgsz", 640), ("batch", 16)):
@@ -331,7 +395,7 @@ def _open_checkpoint(a: argparse.Namespace) -> tuple[dict[str, Any], str, dict[s
             setattr(a, key, value if ok else fallback)
             sources[key] = "the checkpoint's" if ok else "default"
     data_arg, data_typed, source = _data_choice(a, stored.get("data"))
-    data_yaml, data = load_data(data_arg, data_typed)
+    data_yaml, data = load_data(data_arg, data_typed, task=task)
     used = [f"imgsz {a.imgsz} ({sources.get('imgsz', 'given')})", f"batch {a.batch} ({sources.get('batch', 'given')})"]
     print(f"{a.command}: {', '.join(used)}, data {data_yaml} ({source})")
     check_class_count(ckpt, data, typed(a, "weights"), data_typed or f"data {data_yaml}")

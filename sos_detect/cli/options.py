@@ -155,7 +155,7 @@ def _apply_pair(args: argparse.Namespace, token: str, prefix: str, overrides: di
     if dest in actions:
         setattr(args, dest, _coerce(actions[dest], raw, typed))
         args.cli_names[dest], args.cli_texts[dest] = f"{prefix}{key}=", raw
-    elif ultra and key in DEFAULT_CFG_DICT and key not in ("task", "mode"):
+    elif ultra and key in DEFAULT_CFG_DICT and key != "mode":
         from ultralytics.cfg import smart_value
 
         overrides[key] = smart_value(raw)

@@ -17,15 +17,18 @@ from sos_detect.options import SOS_DEFAULTS
 
 def working_copy(stored: torch.nn.Module, device: torch.device, **overrides: Any) -> torch.nn.Module:
     """A float32 copy of a stored detector on `device` whose `args` (loss hyper-parameters, imgsz, …) are
-    Ultralytics' defaults updated by the stored args and `overrides`."""
+    Ultralytics' defaults updated by the stored args and `overrides`, with the task of its head (its capture set then
+    carries the task's labels: masks, keypoints, angles)."""
     from ultralytics.cfg import get_cfg
     from ultralytics.utils import DEFAULT_CFG_DICT
+
+    from sos_detect.detect.heads import detect_head, head_task
 
     model = copy.deepcopy(stored).float().to(device)
     saved = getattr(model, "args", {}) or {}
     saved = saved if isinstance(saved, dict) else vars(saved)
     merged = {k: v for k, v in saved.items() if k in DEFAULT_CFG_DICT}
-    model.args = get_cfg(DEFAULT_CFG_DICT, {**merged, **overrides, "task": "detect", "mode": "train"})
+    model.args = get_cfg(DEFAULT_CFG_DICT, {**merged, **overrides, "task": head_task(detect_head(model)), "mode": "train"})
     model.criterion = None
     return model
 

@@ -3,6 +3,7 @@ every image and YOLO label file. Errors are one line naming the file, or the opt
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,18 +61,45 @@ def check_images(images: list[Path], split: str) -> None:
         raise DataError(f"{bad[0][0]}: {bad[0][1]} ({len(bad)} of {len(images)} '{split}' images unreadable)")
 
 
-def _check_label_file(label: Path, nc: int) -> int:
+Layout = tuple[str, Callable[[int], bool], Callable[[list[float]], list[float]]]
+
+
+def label_layout(task: str, data: dict[str, Any]) -> Layout:
+    """(a YOLO label line of `task` in words, a check of its value count, its coordinates — which must lie in
+    [0, 1] — from its values), Ultralytics' formats; pose keypoints' visibility flags are not coordinates."""
+
+    def after_class(values: list[float]) -> list[float]:
+        return values[1:]
+
+    if task == "segment":
+        return "class x1 y1 x2 y2 x3 y3 … (a polygon)", lambda n: n >= 7 and n % 2 == 1, after_class
+    if task == "obb":
+        return "class x1 y1 x2 y2 x3 y3 x4 y4", lambda n: n == 9, after_class
+    if task == "pose":
+        nkpt, ndim = (list(data.get("kpt_shape") or []) + [0, 0])[:2]
+
+        def box_and_points(values: list[float]) -> list[float]:
+            return values[1:5] + [x for k in range(nkpt) for x in values[5 + k * ndim : 7 + k * ndim]]
+
+        return f"class xc yc w h and {nkpt}×{ndim} keypoint values", lambda n: n == 5 + nkpt * ndim, box_and_points
+    return "class xc yc w h", lambda n: n == 5, after_class
+
+
+def _check_label_file(label: Path, nc: int, layout: Layout) -> int:
+    words, count_ok, coordinates = layout
     checked = 0
     for n, line in enumerate(label.read_text().splitlines(), 1):
         parts = line.split()
         if not parts:
             continue
         try:
-            cls, *coords = (float(x) for x in parts)
+            values = [float(x) for x in parts]
         except ValueError:
             raise DataError(f"{label}:{n}: non-numeric label line {line!r}") from None
-        if len(coords) != 4:
-            raise DataError(f"{label}:{n}: expected 'class xc yc w h', got {len(parts)} values")
+        cls = values[0]
+        coords = coordinates(values)
+        if not count_ok(len(values)):
+            raise DataError(f"{label}:{n}: expected '{words}', got {len(parts)} values")
         if cls != int(cls) or not 0 <= cls < nc:
             raise DataError(f"{label}:{n}: class {parts[0]} outside 0..{nc - 1}")
         if not all(0.0 <= c <= 1.0 for c in coords):
@@ -80,13 +108,13 @@ def _check_label_file(label: Path, nc: int) -> int:
     return checked
 
 
-def check_labels(data: dict[str, Any], splits: tuple[str, ...] = ("train", "val")) -> int:
-    """Every image readable and every label line `cls xc yc w h` with a known class and coordinates in [0, 1];
-    returns the number of labels. Ultralytics would silently drop such files as 'corrupt'; here they are an
-    error naming file and line."""
+def check_labels(data: dict[str, Any], splits: tuple[str, ...] = ("train", "val"), task: str = "detect") -> int:
+    """Every image readable and every label line in the task's layout (`label_layout`; detect: `cls xc yc w h`)
+    with a known class and coordinates in [0, 1]; returns the number of labels. Ultralytics would silently drop such
+    files as 'corrupt'; here they are an error naming file and line."""
     from ultralytics.data.utils import img2label_paths
 
-    nc, checked = int(data["nc"]), 0
+    nc, checked, layout = int(data["nc"]), 0, label_layout(task, data)
     for split in splits:
         if not data.get(split):
             continue
@@ -96,7 +124,7 @@ def check_labels(data: dict[str, Any], splits: tuple[str, ...] = ("train", "val"
         check_images(images, split)
         for label in map(Path, img2label_paths([str(f) for f in images])):
             if label.exists():  # an image without labels is a background image
-                checked += _check_label_file(label, nc)
+                checked += _check_label_file(label, nc, layout)
     return checked
 
 
@@ -171,8 +199,9 @@ def resolve_data(path: str | Path | None, typed: str | None = None) -> Path:
     raise DataError(f"{typed}: data YAML not found")
 
 
-def load_data(path: str | Path | None, typed: str | None = None) -> tuple[str, dict[str, Any]]:
-    """(absolute yaml path, Ultralytics data dict) for `path` (see `resolve_data`), every image and label checked.
+def load_data(path: str | Path | None, typed: str | None = None, task: str = "detect") -> tuple[str, dict[str, Any]]:
+    """(absolute yaml path, Ultralytics data dict) for `path` (see `resolve_data`), every image and label checked
+    in the layout of `task`'s labels.
 
     Images that are missing are one line naming the path Ultralytics would look at; Ultralytics' own datasets are
     downloaded only where the user allowed downloads (YOLO_OFFLINE unset or false)."""
@@ -196,5 +225,7 @@ def load_data(path: str | Path | None, typed: str | None = None) -> tuple[str, d
         data = check_det_dataset(str(yaml_path), autodownload=downloads_allowed())
     except (FileNotFoundError, SyntaxError, KeyError, ValueError, TypeError) as err:
         raise DataError(f"{typed}: {str(err).splitlines()[0]}") from err
-    check_labels(data)
+    if task == "pose" and not data.get("kpt_shape"):
+        raise DataError(f"{typed}: a pose dataset needs kpt_shape: [keypoints, 2 or 3] in its YAML")
+    check_labels(data, task=task)
     return str(yaml_path), data

@@ -95,3 +95,37 @@ def build_embedded(src: str | Path, out: str | Path, *, tile: int = 400, min_kee
         counts[f"{split}_images"] += 1
         counts[f"{split}_boxes"] += len(lines)
     return counts
+
+
+def task_labels(line: str, task: str, points: int = 12) -> str:
+    """One embedded `cls xc yc w h` box as a label of another Ultralytics task: segment, the ellipse inscribed in the
+    box as a `points`-gon; pose, the box with one keypoint at its centre (visible); obb, the box's four corners."""
+    cls, xc, yc, w, h = line.split()
+    x, y, bw, bh = (float(v) for v in (xc, yc, w, h))
+    if task == "segment":
+        angles = np.linspace(0, 2 * np.pi, points, endpoint=False)
+        xy = np.stack([x + bw / 2 * np.cos(angles), y + bh / 2 * np.sin(angles)], 1).clip(0, 1)
+        return f"{cls} " + " ".join(f"{v:.6f}" for v in xy.ravel())
+    if task == "pose":
+        return f"{cls} {xc} {yc} {w} {h} {xc} {yc} 2"
+    if task == "obb":
+        x0, y0, x1, y1 = (min(max(v, 0.0), 1.0) for v in (x - bw / 2, y - bh / 2, x + bw / 2, y + bh / 2))
+        return f"{cls} " + " ".join(f"{v:.6f}" for v in (x0, y0, x1, y0, x1, y1, x0, y1))
+    raise ValueError(f"task {task!r}: one of segment, pose, obb")
+
+
+def build_task_data(task: str, out: str | Path) -> Path:
+    """The embedded tree dataset as a `task` dataset under `out` (images copied, labels from `task_labels`); returns
+    its data YAML. Small real data for trying (and testing) SOS on segment, pose and OBB models."""
+    out = Path(out)
+    root = REPO_ROOT / "data" / "deepforest"
+    for split in ("train", "val"):
+        shutil.copytree(root / "images" / split, out / "images" / split, dirs_exist_ok=True)
+        (out / "labels" / split).mkdir(parents=True, exist_ok=True)
+        for label in sorted((root / "labels" / split).glob("*.txt")):
+            lines = [task_labels(line, task) for line in label.read_text().splitlines() if line.strip()]
+            (out / "labels" / split / label.name).write_text("".join(f"{line}\n" for line in lines))
+    extra = "kpt_shape: [1, 3]\nflip_idx: [0]\n" if task == "pose" else ""
+    yaml_path = out / f"trees-{task}.yaml"
+    yaml_path.write_text(f"path: {out.resolve()}\ntrain: images/train\nval: images/val\n{extra}names:\n  0: Tree\n")
+    return yaml_path

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import numpy as np
@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch import nn
 
 from sos_detect.detect.heads import detect_head_layers
-from sos_detect.layers import FIRST_MOMENTS, GramCapture, ShiftReport, as_v, shift_layers, shift_model
+from sos_detect.layers import GramCapture, first_moment_tensors, ShiftReport, as_v, shift_layers, shift_model
 from sos_detect.shift import GramAccumulator, output_change
 
 
@@ -107,10 +107,8 @@ def broadcast_shifted(layers: Mapping[str, nn.Module], optimizer: torch.optim.Op
         for layer in layers.values():
             dist.broadcast(layer.weight.data, src=0)
             if optimizer is not None:
-                for key in FIRST_MOMENTS:
-                    buf = optimizer.state.get(layer.weight, {}).get(key)
-                    if isinstance(buf, torch.Tensor):
-                        dist.broadcast(buf, src=0)
+                for buf in first_moment_tensors(optimizer, layer.weight).values():
+                    dist.broadcast(buf, src=0)
 
 
 def shift_detector(
@@ -119,6 +117,7 @@ def shift_detector(
     *,
     device: torch.device,
     heads: str = "box,cls",
+    exclude: Collection[str] = (),
     mode: str = "guarded",
     tau: float = 1e-4,
     rows: int | None = None,
@@ -130,11 +129,12 @@ def shift_detector(
 ) -> ShiftReport:
     """Shift the head convs of one detector (a training model or its EMA) on the capture batches (eval passes).
 
-    The capture-set loss is measured before and after when `measure_loss` or `loss_tol` is set.
+    The capture-set loss is measured before and after when `measure_loss` or `loss_tol` is set; layers named in
+    `exclude` (frozen ones) are not shifted.
     Under torch.distributed the Grams are all-reduced before solving and rank 0's result is broadcast,
     so all ranks end with identical tensors.
     """
-    layers = detect_head_layers(model, heads)
+    layers = detect_head_layers(model, heads, exclude)
     ddp = _ddp()
     if ddp and rows:
         rows = math.ceil(rows / dist.get_world_size())  # each rank samples its share of the b rows
@@ -167,6 +167,7 @@ def shift_from_training(
     targets: Mapping[str, tuple[nn.Module, torch.optim.Optimizer | None]],
     *,
     heads: str = "box,cls",
+    exclude: Collection[str] = (),
     mode: str = "guarded",
     tau: float = 1e-4,
     max_change: float | None = None,
@@ -188,7 +189,7 @@ def shift_from_training(
     reports = {}
     for name, (model, optimizer) in targets.items():
         start = time.perf_counter()
-        layers = detect_head_layers(model, heads)
+        layers = detect_head_layers(model, heads, exclude)
         reports[name] = shift_layers(
             layers,
             grams,

@@ -1,8 +1,15 @@
-"""SOSDetectionTrainer: Ultralytics' DetectionTrainer with periodic optimum shifting of the head convs.
+"""SOS inside Ultralytics training: `SOSTrainerMixin`, which any Ultralytics trainer of a model with a Detect head
+takes (`class X(SOSTrainerMixin, SegmentationTrainer)`), and the four trainers made with it — detect, segment, pose,
+OBB (`sos_trainer(task)`).
 
-Where the shift happens: `SOSDetectionTrainer.sos_shift`, at the end of an epoch, before its validation and
-checkpoint. By default (sos_capture="train") the head convs' input Grams come from the epoch's own last training
-passes: hooks are on only for the last ⌈sos_images / images per batch⌉ batches, so no extra forward pass is made.
+Where the shift happens: `sos_shift`, at the end of an epoch before its validation and checkpoint (sos_order="end"),
+or at the start of the next epoch, which then trains (sos_order="start", the paper's Algorithm 1). By default
+(sos_capture="train") the head convs' input Grams come from the epoch's own last training passes: hooks are on only
+for the last ⌈sos_images / images per batch⌉ batches, so no extra forward pass is made.
+
+What survives DDP re-spawn and resume: Ultralytics rebuilds the trainer from `vars(args)` in a generated script that
+imports the trainer class by name (so the classes are module-level), and callbacks added with `add_callback` are
+lost there; every SOS option is therefore a key of `self.args` and every SOS step a method of the trainer.
 """
 
 from __future__ import annotations
@@ -17,11 +24,14 @@ from typing import Any
 
 from ultralytics.cfg import cfg2dict
 from ultralytics.models.yolo.detect import DetectionTrainer
-from ultralytics.utils import DEFAULT_CFG, LOGGER, RANK, IterableSimpleNamespace
+from ultralytics.models.yolo.obb import OBBTrainer
+from ultralytics.models.yolo.pose import PoseTrainer
+from ultralytics.models.yolo.segment import SegmentationTrainer
+from ultralytics.utils import DEFAULT_CFG, LOGGER, RANK, YAML, IterableSimpleNamespace
 from ultralytics.utils.torch_utils import unwrap_model
 
 from sos_detect.detect.flatness import detector_traces
-from sos_detect.detect.heads import detect_head_layers
+from sos_detect.detect.heads import detect_head, detect_head_layers, frozen_layers, head_task, missing_kind
 from sos_detect.detect.plots import head_norm, plot_run
 from sos_detect.detect.shifting import (
     CaptureSet,
@@ -31,29 +41,55 @@ from sos_detect.detect.shifting import (
     shift_detector,
     shift_from_training,
 )
-from sos_detect.layers import GramCapture, ShiftReport, as_v
+from sos_detect.layers import GramCapture, ShiftReport, as_v, first_moments
 from sos_detect.options import SOS_DEFAULTS, check_sos_args
 
+SOS_LOG, SOS_ARGS = "sos_log.jsonl", "sos_args.yaml"
+LEGACY = {"sos_ema": "grams", "sos_order": "end"}  # what runs saved before these options existed did
+RESUME_HINT = "resume with SOS: sos-detect train --resume LAST_PT, or YOLO(LAST_PT).train(resume=True, trainer=T)"
 
-class SOSDetectionTrainer(DetectionTrainer):
-    """DetectionTrainer that shifts the head's 1×1 output convs of the model *and* its EMA at epoch ends.
 
-    Options are `sos_*` keys in `self.args` (see SOS_DEFAULTS), so they survive DDP re-spawn and resume.
-    A shift runs at the end of epoch e (0-based) when e ≥ sos_start and (e − sos_start) % sos_every == 0,
-    and after the final epoch when sos_final; it precedes that epoch's validation and checkpoint.
+class SOSTrainerMixin:
+    """Shifts the head's 1×1 output convs of the model *and* its EMA during training; mixed into an Ultralytics
+    trainer whose model has a Detect head (detect, segment, pose, OBB), before it in the bases.
+
+    Options are `sos_*` keys in `self.args` (see SOS_DEFAULTS), so they survive DDP re-spawn and resume. The Grams
+    of epoch e (0-based) are captured when e ≥ sos_start and (e − sos_start) % sos_every == 0 (and in the final
+    epoch when sos_final, order "end"); the shift follows at that epoch's end (order "end") or at the next epoch's
+    start (order "start"). Frozen head convs (freeze=) are never shifted.
     """
+
+    task = "detect"  # the task the trainer trains; a model of another task is refused
 
     def __init__(self, cfg=DEFAULT_CFG, overrides: dict | None = None, _callbacks: dict | None = None):
         cfg = {**SOS_DEFAULTS, **cfg2dict(cfg)}
         check_sos_args(SimpleNamespace(**{**cfg, **(overrides or {})}))  # before anything is written to disk
+        given = (overrides or {}).get("task")  # Model.train passes the model's task
+        if given and given != self.task:
+            raise TypeError(f"task={given}: {type(self).__name__} trains task={self.task}; use {_trainer_hint(given)}")
+        missing = missing_kind({**cfg, **(overrides or {})}["sos_heads"], self.task)
+        if missing:
+            raise ValueError(f"sos_heads: {missing}")
         super().__init__(cfg, overrides, _callbacks)
         check_sos_args(self.args)  # again: a resumed run takes its options from the checkpoint
         self._capture_set: CaptureSet | None = None  # letterboxed training images (eval capture, loss, Hessian)
         self._train_capture: GramCapture | None = None  # hooks on the training model during an epoch's last batches
+        self._next_shift: tuple[int, GramCapture] | None = None  # order "start": (epoch captured, its Grams)
         self._batch = 0
         self._held_out: HeldOutChange | None = None
         self._pending: list[dict[str, Any]] = []  # sos_log entries of this epoch, written with its metrics
         self._sos_row = self._empty_row()
+        if RANK in {-1, 0}:
+            self._write_run_args()
+
+    def _write_run_args(self) -> None:
+        """args.yaml as plain Ultralytics writes it (`yolo train cfg=RUN/args.yaml` replays the run without SOS) and
+        the SOS options beside it in sos_args.yaml (`sos-detect train cfg=RUN/args.yaml` replays it whole). A new
+        run in a reused folder (exist_ok) starts its SOS log afresh, as Ultralytics starts its results.csv."""
+        YAML.save(self.save_dir / "args.yaml", {k: v for k, v in vars(self.args).items() if k not in SOS_DEFAULTS})
+        YAML.save(self.save_dir / SOS_ARGS, {k: getattr(self.args, k) for k in SOS_DEFAULTS})
+        if not self.resume:
+            (self.save_dir / SOS_LOG).unlink(missing_ok=True)
 
     # -- Ultralytics extension points --------------------------------------------------------------
     def check_resume(self, overrides):
@@ -68,6 +104,8 @@ class SOSDetectionTrainer(DetectionTrainer):
         last = Path(self.args.resume)
         ckpt = torch_load(last, map_location="cpu")
         saved = getattr(ckpt.get("ema") or ckpt.get("model"), "sos_args", None) or {}
+        if saved:  # a checkpoint from before an option existed ran as its LEGACY value
+            saved = {**LEGACY, **saved}
         for key, default in SOS_DEFAULTS.items():
             setattr(self.args, key, saved.get(key, getattr(self.args, key, default)))
         ignored = [k for k, v in (overrides or {}).items() if k in SOS_DEFAULTS and v != getattr(self.args, k)]
@@ -83,14 +121,32 @@ class SOSDetectionTrainer(DetectionTrainer):
         checkpoint was written (an interruption in between) is trained and logged again, not twice."""
         super().resume_training(ckpt)
         if self.resume and RANK in {-1, 0}:
-            keep_epochs(self.csv, self.save_dir / "sos_log.jsonl", self.start_epoch)
+            keep_epochs(self.csv, self.save_dir / SOS_LOG, self.start_epoch)
 
     def save_model(self):
         """Ultralytics' checkpoints, with train_args free of sos_* keys (plain Ultralytics rejects unknown keys when
-        it resumes) and the SOS options on the saved model as `sos_args`, where this trainer finds them."""
+        it resumes) and the SOS options on the saved model as `sos_args`, where this trainer finds them. Plain
+        `YOLO(last.pt).train(resume=True)` takes Ultralytics' own trainer and continues without SOS (its results.csv
+        rows then lack the sos/ columns; `compare` marks them): `sos_resume` on the model says how to keep SOS."""
         self.ema.ema.sos_args = {k: getattr(self.args, k) for k in SOS_DEFAULTS}
+        self.ema.ema.sos_resume = RESUME_HINT.replace("T", type(self).__name__)
         with self._plain_args():
             return super().save_model()
+
+    def get_model(self, cfg=None, weights=None, verbose=True):
+        """The task's model, refused unless its head is a Detect of this trainer's task."""
+        model = super().get_model(cfg=cfg, weights=weights, verbose=verbose)
+        task = head_task(detect_head(model))
+        if task != self.task:
+            raise TypeError(f"a {task} model: {type(self).__name__} trains task={self.task}; use {_trainer_hint(task)}")
+        return model
+
+    def build_optimizer(self, *args, **kwargs):
+        """Ultralytics' optimiser, refused at the start when SOS does not know how to map its state in a shift."""
+        optimizer = super().build_optimizer(*args, **kwargs)
+        if self.args.sos:
+            first_moments(optimizer)
+        return optimizer
 
     def get_validator(self):
         """The stock validator, built from args without the sos_* keys (its own arg check rejects them)."""
@@ -102,12 +158,15 @@ class SOSDetectionTrainer(DetectionTrainer):
         if event == "on_train_epoch_start":
             self._stop_train_capture()
             self._batch = 0
+            if self._next_shift is not None:  # order "start": shift before this epoch trains
+                captured, self._next_shift = self._next_shift[1], None
+                self.sos_shift(self.epoch, captured)
         elif event == "on_train_batch_start":
             self._maybe_start_train_capture()
             self._batch += 1
         elif event == "on_train_epoch_end":
             self._epoch_end()
-        elif event == "on_train_end" and RANK in {-1, 0}:
+        elif event == "on_train_end" and RANK in {-1, 0} and self.args.plots:
             for path in plot_run(self.save_dir):
                 self.on_plot(path)
         super().run_callbacks(event)
@@ -119,6 +178,7 @@ class SOSDetectionTrainer(DetectionTrainer):
             change = self._held_out.finish()
             self._held_out = None
             self._sos_row["sos/ema_heldout_change"] = change
+            LOGGER.info(f"SOS epoch {self.epoch + 1} ema: output change {change:.2e} on the validation images")
             for entry in self._pending:
                 if entry["target"] == "ema":
                     entry["heldout_change"] = change
@@ -134,10 +194,22 @@ class SOSDetectionTrainer(DetectionTrainer):
         return math.ceil(self.args.warmup_epochs) if start is None else int(start)
 
     def _shift_due(self, epoch: int) -> bool:
+        """Whether epoch's Grams are captured for a shift (after it with order "end", before the next with "start")."""
         if not self.args.sos:
             return False
+        last = epoch + 1 >= self.epochs
+        if self.args.sos_order == "start":
+            return not last and epoch >= self.sos_start and (epoch - self.sos_start) % self.args.sos_every == 0
         scheduled = epoch >= self.sos_start and (epoch - self.sos_start) % self.args.sos_every == 0
-        return scheduled or (self.args.sos_final and epoch + 1 >= self.epochs)
+        return scheduled or (self.args.sos_final and last)
+
+    def _shifted_layers(self, model) -> dict:
+        """The head convs to shift: those of sos_heads that training updates (freeze= ones are left out)."""
+        return detect_head_layers(model, self.args.sos_heads, self._frozen)
+
+    @property
+    def _frozen(self) -> list[str]:
+        return frozen_layers(detect_head_layers(unwrap_model(self.model), self.args.sos_heads))
 
     def _maybe_start_train_capture(self) -> None:
         """Hooks on for the last ⌈sos_images / images per batch⌉ batches of an epoch that ends with a shift."""
@@ -151,7 +223,7 @@ class SOSDetectionTrainer(DetectionTrainer):
             rows = self.args.sos_rows if self.args.sos_mode == "paper" else None
             if rows and self.world_size > 1:
                 rows = math.ceil(rows / self.world_size)  # each rank samples its share of the b rows
-            layers = detect_head_layers(unwrap_model(self.model), self.args.sos_heads)
+            layers = self._shifted_layers(unwrap_model(self.model))
             self._train_capture = GramCapture(layers, rows=rows, seed=self.args.seed + self.epoch, skip_nonfinite=True)
             self._train_capture.start()
 
@@ -164,7 +236,10 @@ class SOSDetectionTrainer(DetectionTrainer):
     def _epoch_end(self) -> None:
         capture = self._stop_train_capture()
         if self._shift_due(self.epoch):
-            self.sos_shift(self.epoch, capture)
+            if self.args.sos_order == "end":
+                self.sos_shift(self.epoch, capture)
+            else:
+                self._next_shift = (self.epoch, capture)
         self._sos_row["sos/head_norm"] = head_norm(self.ema.ema)
         every = self.args.sos_hessian_every
         if every and ((self.epoch + 1) % every == 0 or self.epoch + 1 >= self.epochs):
@@ -173,50 +248,63 @@ class SOSDetectionTrainer(DetectionTrainer):
             self._held_out.start()  # hooks on the EMA's heads: the next forward passes are the validation's
 
     def sos_shift(self, epoch: int, capture: GramCapture | None = None) -> dict[str, ShiftReport]:
-        """Shift the model (with its optimiser state) and the EMA: on the Grams of the epoch's last training passes
-        (`capture`, sos_capture="train"), or each on its own eval pass over sampled training images ("eval")."""
+        """Shift the model (with its optimiser state) on the Grams of the epoch's last training passes (`capture`,
+        sos_capture="train") or on its own eval pass over sampled training images ("eval"); then the EMA as
+        sos_ema says: on its own eval pass over sos_ema_images images ("own"), on the model's capture ("grams"), or
+        not at all ("follow": the model's shift reaches it through the EMA update)."""
         start = time.perf_counter()
-        model, ema = unwrap_model(self.model), self.ema.ema
-        ema_heads = detect_head_layers(ema, self.args.sos_heads)
+        model, ema, frozen = unwrap_model(self.model), self.ema.ema, self._frozen
+        ema_heads = detect_head_layers(ema, self.args.sos_heads, frozen)
         ema_before = {n: as_v(m.weight.detach()).clone() for n, m in ema_heads.items()}
         loss_batches = None
         if self.args.sos_loss_tol is not None or self.args.sos_hessian_every:
             loss_batches = self._capture_sample(self.args.sos_images, epoch)
         options = dict(
             heads=self.args.sos_heads,
+            exclude=frozen,
             mode=self.args.sos_mode,
             tau=self.args.sos_tau,
             max_change=self.args.sos_max_change,
             loss_tol=self.args.sos_loss_tol,
         )
+        with_model = {"ema": (ema, None)} if self.args.sos_ema == "grams" else {}
         if self.args.sos_capture == "train":
             if capture is None or capture.images == 0:
                 LOGGER.warning(f"SOS epoch {epoch + 1}: no training rows were captured (epoch cut short?); no shift")
                 return {}
             loss_fn = detection_loss(loss_batches, self.device) if loss_batches else None
-            targets = {"model": (model, self.optimizer), "ema": (ema, None)}
+            targets = {"model": (model, self.optimizer), **with_model}
             reports = shift_from_training(capture, targets, loss_fn=loss_fn, **options)
-            images, skipped = capture.images * max(self.world_size, 1), max(capture.skipped.values())
+            images = {t: (capture.images * max(self.world_size, 1), "train") for t in reports}
+            skipped = max(capture.skipped.values())
         else:
             batches = self._capture_sample(self.args.sos_images, epoch)
-            reports = {
-                name: shift_detector(
-                    target,
-                    batches,
-                    device=self.device,
-                    rows=self.args.sos_rows,
-                    optimizer=optimizer,
-                    measure_loss=loss_batches is not None,
-                    seed=self.args.seed + epoch,
-                    **options,
-                )
-                for name, (target, optimizer) in {"model": (model, self.optimizer), "ema": (ema, None)}.items()
-            }
-            images, skipped = sum(b["img"].shape[0] for b in batches), 0
-        if RANK in {-1, 0} and reports["ema"].applied:  # measured in this epoch's validation pass
-            self._held_out = HeldOutChange(ema_heads, ema_before, images=self.args.sos_images)
-        self._record(epoch, reports, images, skipped, time.perf_counter() - start)
+            targets = {"model": (model, self.optimizer), **with_model}
+            reports = {t: self._shift_on(net, opt, batches, epoch, options) for t, (net, opt) in targets.items()}
+            images = dict.fromkeys(reports, (sum(b["img"].shape[0] for b in batches), "eval"))
+            skipped = 0
+        if self.args.sos_ema == "own":
+            batches = self._capture_sample(self.args.sos_ema_images, epoch)
+            reports["ema"] = self._shift_on(ema, None, batches, epoch, options)
+            images["ema"] = (sum(b["img"].shape[0] for b in batches) * max(self.world_size, 1), "eval")
+        if RANK in {-1, 0} and "ema" in reports and reports["ema"].applied and self.args.sos_order == "end":
+            self._held_out = HeldOutChange(ema_heads, ema_before, images=self.args.sos_images)  # in this validation
+        self._record(epoch, reports, images, skipped, frozen, time.perf_counter() - start)
         return reports
+
+    def _shift_on(self, net, optimizer, batches: list[dict[str, Any]], epoch: int, options: dict) -> ShiftReport:
+        """Shift one network's heads on its own eval pass over `batches` (shift_detector)."""
+        measure = self.args.sos_loss_tol is not None or bool(self.args.sos_hessian_every)
+        return shift_detector(
+            net,
+            batches,
+            device=self.device,
+            rows=self.args.sos_rows,
+            optimizer=optimizer,
+            measure_loss=measure,
+            seed=self.args.seed + epoch,
+            **options,
+        )
 
     def sos_hessian(self) -> dict[str, float]:
         """Hessian traces of the EMA's detection loss on a fixed batch (sos/trace_X ± sos/trace_X_se): the cls head
@@ -230,33 +318,53 @@ class SOSDetectionTrainer(DetectionTrainer):
             out[f"sos/trace_{what}"], out[f"sos/trace_{what}_se"] = est.value, est.stderr
         return out
 
-    def _record(self, epoch: int, reports: dict[str, ShiftReport], images: int, skipped: int, seconds: float) -> None:
+    def _record(
+        self,
+        epoch: int,
+        reports: dict[str, ShiftReport],
+        images: dict[str, tuple[int, str]],
+        skipped: int,
+        frozen: list[str],
+        seconds: float,
+    ) -> None:
         applied = [r for r in reports.values() if r.applied]
+        ema = reports.get("ema")
         self._sos_row.update(
             {
                 "sos/shifted": float(len(applied) == len(reports)),
                 "sos/norm_ratio": reports["model"].norm_ratio if reports["model"].applied else 1.0,
-                "sos/ema_norm_ratio": reports["ema"].norm_ratio if reports["ema"].applied else 1.0,
+                "sos/ema_norm_ratio": ema.norm_ratio if ema is not None and ema.applied else 1.0,
                 "sos/out_change": max((r.max_out_change for r in applied), default=0.0),
                 "sos/seconds": seconds,
             }
         )
-        capture = self.args.sos_capture
+        when = "before" if self.args.sos_order == "start" else "after"
         self._pending = [
-            {"epoch": epoch + 1, "target": t, "capture": capture, "images": images, "skipped_batches": skipped}
+            {
+                "epoch": epoch + 1,
+                "target": t,
+                "order": self.args.sos_order,
+                "capture": images[t][1],
+                "images": images[t][0],
+                "skipped_batches": skipped,
+                "frozen": frozen,
+            }
             | r.to_dict()
             for t, r in reports.items()
         ]
+        if frozen:
+            LOGGER.info(f"SOS: {', '.join(frozen)} not shifted: frozen (freeze={self.args.freeze})")
         for target, report in reports.items():
+            count, kind = images[target]
             LOGGER.info(
-                f"SOS epoch {epoch + 1} {target}: norm ratio {report.norm_ratio:.4f}, "
-                f"max output change {report.max_out_change:.2e} on {images} {capture}-pass images, "
+                f"SOS epoch {epoch + 1} {target} ({when} its training): norm ratio {report.norm_ratio:.4f}, max output "
+                f"change {report.max_out_change:.2e} on the {count} {kind}-pass images solved on, "
                 f"{'applied' if report.applied else 'rolled back: ' + report.reason}"
             )
 
     def _write_log(self) -> None:
         if self._pending and RANK in {-1, 0}:
-            with open(self.save_dir / "sos_log.jsonl", "a", encoding="utf-8") as f:
+            with open(self.save_dir / SOS_LOG, "a", encoding="utf-8") as f:
                 for entry in self._pending:
                     f.write(json.dumps(entry) + "\n")
         self._pending = []
@@ -294,6 +402,42 @@ class SOSDetectionTrainer(DetectionTrainer):
             yield
         finally:
             self.args = full
+
+
+class SOSDetectionTrainer(SOSTrainerMixin, DetectionTrainer):
+    """Ultralytics' DetectionTrainer with SOS."""
+
+
+class SOSSegmentationTrainer(SOSTrainerMixin, SegmentationTrainer):
+    """Ultralytics' SegmentationTrainer with SOS (box and cls convs by default; sos_heads may add mask)."""
+
+    task = "segment"
+
+
+class SOSPoseTrainer(SOSTrainerMixin, PoseTrainer):
+    """Ultralytics' PoseTrainer with SOS (box and cls convs by default; sos_heads may add kpt)."""
+
+    task = "pose"
+
+
+class SOSOBBTrainer(SOSTrainerMixin, OBBTrainer):
+    """Ultralytics' OBBTrainer with SOS (box and cls convs by default; sos_heads may add angle)."""
+
+    task = "obb"
+
+
+SOS_TRAINERS = {t.task: t for t in (SOSDetectionTrainer, SOSSegmentationTrainer, SOSPoseTrainer, SOSOBBTrainer)}
+
+
+def sos_trainer(task: str) -> type:
+    """The SOS trainer of an Ultralytics task (detect, segment, pose, obb)."""
+    if task not in SOS_TRAINERS:
+        raise TypeError(f"task={task}: SOS trains {', '.join(SOS_TRAINERS)} models (a YOLO Detect head)")
+    return SOS_TRAINERS[task]
+
+
+def _trainer_hint(task: str) -> str:
+    return f"{SOS_TRAINERS[task].__name__} (sos_trainer('{task}'))" if task in SOS_TRAINERS else "a detection model"
 
 
 def keep_epochs(results_csv: Path, sos_log: Path, epochs: int) -> None:
