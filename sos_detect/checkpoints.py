@@ -64,7 +64,10 @@ def _network_kind(net: nn.Module) -> tuple[str, str]:
     except TypeError:
         pass
     if type(net).__name__ == "ClassificationModel":
-        return CLASSIFIER, "a YOLO classification checkpoint (ClassificationModel), not a detector"
+        return (
+            CLASSIFIER,
+            "a YOLO classification checkpoint (ClassificationModel), not a detector (for classifiers use `sos-detect classify`)",
+        )
     return OTHER, f"a checkpoint of a {type(net).__name__} network, not a YOLO detector"
 
 

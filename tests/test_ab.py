@@ -130,7 +130,7 @@ def test_study_statistics_recomputed_from_the_runs(study):
     assert not (out / "runs" / "yolov5n_s0_base" / "sos_log.jsonl").exists()
     for name in ("ab.md", "ab_effect.png", "ab_curves_yolov5n.png"):
         assert (out / name).stat().st_size > 0
-    assert (out / "runs" / "yolov5n_s1_guarded" / "sos_head_norm.png").is_file()
+    assert not (out / "runs" / "yolov5n_s1_guarded" / "sos_head_norm.png").exists()  # plots=False is obeyed
 
 
 def test_finished_runs_reused_only_with_equal_settings(study, tiny_data):
@@ -219,8 +219,10 @@ def test_finetune_regime_pretrains_one_shared_start(tmp_path, tiny_data):
     assert log and all(layer["rows"] == 8 for e in log for layer in e["layers"])
     rows = list(csv.DictReader((tmp_path / "ft.csv").read_text().splitlines()))
     assert {r["metric"] for r in rows if r["row"] == "paper - base"} >= {"map50", "head_norm", "trace_head"}
-    for png in ("sos_trace.png", "sos_head_norm.png", "sos_shift_loss.png"):
-        assert (paper / png).is_file()
+    from sos_detect.detect.plots import plot_run
+
+    assert not (paper / "sos_head_norm.png").exists()  # plots=False is obeyed; the plots are one call away
+    assert {p.name for p in plot_run(paper)} == {"sos_trace.png", "sos_head_norm.png", "sos_shift_loss.png"}
     from sos_detect.detect.compare import compare_runs
 
     data = compare_runs({"base": [tmp_path / "runs" / "yolov5n_s0_base"], "paper": [paper]}, tmp_path / "c.png")

@@ -167,7 +167,8 @@ def test_training_pass_capture_is_exact_and_costs_no_forward_pass(tmp_path):
 
     model = YOLO("yolov5n.yaml")
     try:
-        model.train(trainer=Probe, project=str(tmp_path), name="p", **{**TINY, "sos_start": 0, "sos_images": 8})
+        settings = {**TINY, "sos_start": 0, "sos_images": 8, "sos_ema": "grams"}
+        model.train(trainer=Probe, project=str(tmp_path), name="p", **settings)
     finally:
         if "hook" in seen:
             seen["hook"].remove()

@@ -36,6 +36,7 @@ def test_trainer_logs_trace_and_norm_and_plots(tmp_path):
         sos_hessian_every=1,
         sos_hessian_images=2,
         sos_hessian_probes=4,
+        plots=True,
     )
     run = tmp_path / "h"
     row = {

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from sos_detect.cli.options import (
-    BATCH,
     CKPT_BATCH,
     CKPT_IMGSZ,
     EPOCHS,

@@ -28,7 +28,9 @@ def working_copy(stored: torch.nn.Module, device: torch.device, **overrides: Any
     saved = getattr(model, "args", {}) or {}
     saved = saved if isinstance(saved, dict) else vars(saved)
     merged = {k: v for k, v in saved.items() if k in DEFAULT_CFG_DICT}
-    model.args = get_cfg(DEFAULT_CFG_DICT, {**merged, **overrides, "task": head_task(detect_head(model)), "mode": "train"})
+    model.args = get_cfg(
+        DEFAULT_CFG_DICT, {**merged, **overrides, "task": head_task(detect_head(model)), "mode": "train"}
+    )
     model.criterion = None
     return model
 

@@ -57,7 +57,9 @@ def model_task(source: str, flag: str) -> str:
     try:
         spec = yaml_model_load(source)
     except (FileNotFoundError, OSError):
-        raise OptionError(f"{typed}: model YAML not found (a file, or an Ultralytics name such as yolov8n.yaml)") from None
+        raise OptionError(
+            f"{typed}: model YAML not found (a file, or an Ultralytics name such as yolov8n.yaml)"
+        ) from None
     head = str(spec["head"][-1][-2]) if spec.get("head") else "?"
     task = guess_model_task(spec)
     reason = unsupported_reason(head, task)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import random
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -13,8 +15,22 @@ import torch.distributed as dist
 from torch import nn
 
 from sos_detect.detect.heads import detect_head_layers
-from sos_detect.layers import GramCapture, first_moment_tensors, ShiftReport, as_v, shift_layers, shift_model
+from sos_detect.layers import GramCapture, ShiftReport, as_v, first_moment_tensors, shift_layers, shift_model
 from sos_detect.shift import GramAccumulator, output_change
+
+
+@contextlib.contextmanager
+def rng_kept() -> Iterator[None]:
+    """Run a block without moving the global random generators (Python, NumPy, torch) that training draws its
+    augmentation from: building and reading the capture set draws from them, and a rolled-back shift must leave the
+    run bit-identical to one without SOS."""
+    state = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+    try:
+        yield
+    finally:
+        random.setstate(state[0])
+        np.random.set_state(state[1])
+        torch.random.set_rng_state(state[2])
 
 
 class CaptureSet:
@@ -33,7 +49,8 @@ class CaptureSet:
         """Collated batches of `n_images` images drawn without replacement; this rank's share under DDP."""
         n = min(int(n_images), len(self.dataset))
         idx = np.random.default_rng(seed).choice(len(self.dataset), size=n, replace=False)[rank::world_size]
-        items = [self.dataset[int(i)] for i in sorted(idx)]
+        with rng_kept():
+            items = [self.dataset[int(i)] for i in sorted(idx)]
         return [self.dataset.collate_fn(items[i : i + self.batch_size]) for i in range(0, len(items), self.batch_size)]
 
 
@@ -41,7 +58,8 @@ def build_capture_set(args: Any, data: dict, stride: int, batch_size: int) -> Ca
     """The capture set over data['train'] at args.imgsz (val-mode transforms: LetterBox only)."""
     from ultralytics.data import build_yolo_dataset
 
-    dataset = build_yolo_dataset(args, data["train"], batch_size, data, mode="val", rect=False, stride=stride)
+    with rng_kept():
+        dataset = build_yolo_dataset(args, data["train"], batch_size, data, mode="val", rect=False, stride=stride)
     return CaptureSet(dataset, batch_size)
 
 

@@ -224,6 +224,8 @@ class SOSTrainerMixin:
             if rows and self.world_size > 1:
                 rows = math.ceil(rows / self.world_size)  # each rank samples its share of the b rows
             layers = self._shifted_layers(unwrap_model(self.model))
+            if not layers:  # all frozen
+                return
             self._train_capture = GramCapture(layers, rows=rows, seed=self.args.seed + self.epoch, skip_nonfinite=True)
             self._train_capture.start()
 
@@ -255,6 +257,11 @@ class SOSTrainerMixin:
         start = time.perf_counter()
         model, ema, frozen = unwrap_model(self.model), self.ema.ema, self._frozen
         ema_heads = detect_head_layers(ema, self.args.sos_heads, frozen)
+        if not ema_heads:
+            LOGGER.warning(
+                f"SOS epoch {epoch + 1}: every head conv of sos_heads is frozen ({', '.join(frozen)}); no shift"
+            )
+            return {}
         ema_before = {n: as_v(m.weight.detach()).clone() for n, m in ema_heads.items()}
         loss_batches = None
         if self.args.sos_loss_tol is not None or self.args.sos_hessian_every:
