@@ -66,7 +66,7 @@ def _network_kind(net: nn.Module) -> tuple[str, str]:
     if type(net).__name__ == "ClassificationModel":
         return (
             CLASSIFIER,
-            "a YOLO classification checkpoint (ClassificationModel), not a detector (for classifiers use `sos-detect classify`)",
+            "a YOLO classification checkpoint (ClassificationModel), not a detector (classifiers: sos-detect classify)",
         )
     return OTHER, f"a checkpoint of a {type(net).__name__} network, not a YOLO detector"
 

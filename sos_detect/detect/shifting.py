@@ -24,12 +24,12 @@ def rng_kept() -> Iterator[None]:
     """Run a block without moving the global random generators (Python, NumPy, torch) that training draws its
     augmentation from: building and reading the capture set draws from them, and a rolled-back shift must leave the
     run bit-identical to one without SOS."""
-    state = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+    state = random.getstate(), np.random.get_state(), torch.random.get_rng_state()  # noqa: NPY002
     try:
         yield
     finally:
         random.setstate(state[0])
-        np.random.set_state(state[1])
+        np.random.set_state(state[1])  # noqa: NPY002
         torch.random.set_rng_state(state[2])
 
 
