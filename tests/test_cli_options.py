@@ -41,7 +41,7 @@ def test_every_sos_option_has_a_flag_and_its_default_in_help():
             assert f"{o.flag} {o.key.upper().split('_')[-1]} " in text
     for stated in ("(default 0.0001)", "(default 64)", "(default guarded)", "(default box,cls)", "(default 32)"):
         assert stated in text
-    assert "--batch BATCH batch size (default 8)" in text  # train's own default, not another command's
+    assert "--batch BATCH batch size; -1 or a fraction" in text and "(on CPU it uses 16) (default 8)" in text  # train's
     assert "--seed SEED random seed (default 0)" in text
 
 
@@ -150,7 +150,7 @@ def test_train_with_key_value_arguments(tmp_path):
     res = run_cli("train", *args, "--device", "cpu", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     run = tmp_path / "runs" / "sos" / "train"
-    saved = yaml.safe_load((run / "args.yaml").read_text())
+    saved = yaml.safe_load((run / "args.yaml").read_text()) | yaml.safe_load((run / "sos_args.yaml").read_text())
     expected = dict(parse_key_value_pair(t) for t in args)
     assert {k: saved[k] for k in expected} == expected
     assert (run / "weights" / "last.pt").is_file() and (run / "sos_log.jsonl").is_file()
