@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy import stats
 
 from sos_detect.classify.data import read_cifar
 from sos_detect.reproduce.classify import PRESETS, published_figures, read_paper_figures
@@ -53,7 +54,17 @@ def test_mini_harness_on_digits_with_paper_figures(tmp_path):
         assert float(rows[scheme]["top1_mean"]) == pytest.approx((a + b) / 2)
         assert float(rows[scheme]["top1_std"]) == pytest.approx(abs(a - b) / math.sqrt(2))
     d0, d1 = (done[("sgd_sos", s)]["top1"] - done[("sgd", s)]["top1"] for s in (0, 1))
-    assert float(rows["sgd+sos - sgd"]["top1_mean"]) == pytest.approx((d0 + d1) / 2)
+    diff = rows["sgd+sos - sgd"]
+    assert float(diff["top1_mean"]) == pytest.approx((d0 + d1) / 2)
+    # the A/B harness's paired summary: 95 % t-interval and MDE at 80 % power (1 df), recomputed with scipy
+    sd = abs(d0 - d1) / math.sqrt(2)
+    half = stats.t.ppf(0.975, 1) * sd / math.sqrt(2)
+    assert (float(diff["top1_ci_low"]), float(diff["top1_ci_high"])) == pytest.approx(
+        ((d0 + d1) / 2 - half, (d0 + d1) / 2 + half), abs=1e-12
+    )
+    mde = (stats.t.ppf(0.975, 1) + stats.t.ppf(0.8, 1)) * sd / math.sqrt(2)
+    assert float(diff["top1_mde80"]) == pytest.approx(mde, abs=1e-12)
+    assert all(0 < float(rows[r]["train_acc_mean"]) <= 1 for r in ("sgd", "sgd+sos"))
     assert float(rows["sgd"]["paper_top1"]) == 90.0 and float(rows["sgd+sos"]["paper_top1"]) == 91.5
     ours = 100 * (done[("sgd", 0)]["top1"] + done[("sgd", 1)]["top1"]) / 2
     md = (tmp_path / "t" / "classify.md").read_text()
@@ -230,6 +241,14 @@ def test_posthoc_and_detection_figures_come_from_the_shipped_tables():
     )
     assert "arXiv 2405.14111" in cite and "README.md" in cite
     assert posthoc_lines("resnet50_imagenet", "imagefolder", 10) == []  # not ImageNet
+    # Table 2's ShuffleNet is torchvision's x2_0: its "before" figures are that model's published ImageNet accuracy
+    import torchvision
+
+    (shuffle,) = shipped("table2_posthoc_imagenet.csv", when="before", model="shufflenet_v2_x2_0")
+    meta = torchvision.models.get_model_weights("shufflenet_v2_x2_0").DEFAULT.meta["_metrics"]["ImageNet-1K"]
+    assert abs(float(shuffle["top1"]) - meta["acc@1"]) < 0.01 and abs(float(shuffle["top5"]) - meta["acc@5"]) < 0.01
+    assert "76.23" in posthoc_lines("shufflenet_v2_x2_0", "imagefolder", 1000)[0]
+    assert posthoc_lines("shufflenet_v2_x1_0", "imagefolder", 1000) == []  # 69.36 / 88.32: not in the paper
     assert posthoc_lines("smallcnn", "cifar10", 10) == []
     rows = shipped("table5_voc_detection.csv")
     assert table5_map50() == {

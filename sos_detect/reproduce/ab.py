@@ -23,13 +23,14 @@ from typing import Any
 
 from sos_detect.detect.compare import compare_runs
 from sos_detect.detect.plots import pyplot, read_results, save_figure, trace_columns
+from sos_detect.reproduce.jobs import core_shares, run_tasks
 from sos_detect.reproduce.stats import (
+    SUMMARY_HEADER,
     fmt,
     markdown_table,
     mean_std,
-    paired_differences,
-    sign_test,
-    t_interval,
+    paired_summary,
+    with_holm,
     write_csv,
 )
 
@@ -265,21 +266,27 @@ def check_arms(cfg: ABConfig) -> None:
             raise ValueError(f"arm {arm!r}: {err}") from None
 
 
-def run_ab(cfg: ABConfig, out: str | Path, name: str = "ab") -> list[Path]:
-    """Train (or reuse, or resume) every model × seed × arm; write {name}.md, {name}.csv, the per-model curves
-    {name}_curves_MODEL.png and the effect plot {name}_effect.png under `out`; return the written paths."""
+def run_ab(cfg: ABConfig, out: str | Path, name: str = "ab", jobs: int = 1) -> list[Path]:
+    """Train (or reuse, or resume) every model × seed × arm — `jobs` runs side by side, each in its own process
+    pinned to its share of the cores (reproduce/jobs.py) — and write {name}.md, {name}.csv, the per-model curves
+    {name}_curves_MODEL.png and the effect plot {name}_effect.png under `out`; return the written paths. A shared
+    pretrained start is trained first, in this process."""
     check_arms(cfg)
+    core_shares(jobs)  # a --jobs this machine cannot pin: one line before anything trains
     out = Path(out).resolve()  # Ultralytics puts a relative project under its own runs folder
     out.mkdir(parents=True, exist_ok=True)
-    results, written = [], []
+    plan, tasks, written = [], [], []
     for model in cfg.models:
         start = shared_start(cfg, model, out)
         data = arm_data(cfg, out / "data")
         for seed in cfg.seeds:  # seeds outermost: an interrupted study holds complete pairs
             for arm in cfg.arms:
                 run_dir = out / "runs" / f"{Path(model).stem}_s{seed}_{arm}"
-                record = train_run(run_dir, run_settings(cfg, model, seed, arm, data, start))
-                results.append({"model": model, "seed": seed, "arm": arm, "run": str(run_dir), **record})
+                plan.append({"model": model, "seed": seed, "arm": arm, "run": str(run_dir)})
+                tasks.append((run_dir, run_settings(cfg, model, seed, arm, data, start)))
+    records = run_tasks(train_run, tasks, jobs, out / "logs")
+    results = [{**where, **record} for where, record in zip(plan, records, strict=True)]
+    for model in cfg.models:
         groups = {arm: [r["run"] for r in results if r["model"] == model and r["arm"] == arm] for arm in cfg.arms}
         curves = out / f"{name}_curves_{Path(model).stem}.png"
         compare_runs(groups, curves, title=f"{model}: {', '.join(groups)} (seeds {list(cfg.seeds)})")
@@ -299,7 +306,11 @@ def run_ab(cfg: ABConfig, out: str | Path, name: str = "ab") -> list[Path]:
     (out / f"{name}.md").write_text(
         f"# A/B comparison: {out.name}\n\n" + (f"{cfg.description}\n\n" if cfg.description else "") + f"{table}\n\n"
         "Final-epoch validation (results.csv) of each run; mean ± sample std over seeds; paired differences "
-        "arm − baseline per seed with a two-sided 95 % Student-t interval and an exact two-sided sign test.\n\n"
+        "arm − baseline per seed with a two-sided 95 % Student-t interval, the minimum detectable effect of a "
+        "two-sided paired t-test at α = 0.05 with 80 % power, MDE ≈ (t_{0.975,n−1} + t_{0.8,n−1})·sd/√n from the "
+        "observed paired sd (an effect smaller than it is not excluded by a difference that is not significant), "
+        "the paired t-test's p, that p Holm-corrected across every arm × metric of this study, and an exact "
+        "two-sided sign test.\n\n"
         f"Settings: `{json.dumps(settings)}`\n"
     )
     return [out / f"{name}.md", out / f"{name}.csv", out / f"{name}_effect.png", *written]
@@ -312,21 +323,22 @@ def _metrics_present(results: list[dict[str, Any]]) -> list[str]:
 def aggregate(
     results: list[dict[str, Any]], arms: list[str], reference: Mapping[str, Mapping[str, float]] | None = None
 ) -> tuple[list[dict], str]:
-    """CSV rows and markdown: per model and arm mean ± std of each metric; per arm the paired differences
-    against the first arm with their 95 % t-interval and exact sign test."""
+    """CSV rows and markdown: per model and arm mean ± std of each metric; per arm and metric the paired
+    differences against the first arm (`paired_summary`: 95 % t-interval, MDE at 80 % power, t-test p, sign
+    test), with the t-test p Holm-adjusted across every arm × metric (× model) of the study."""
     reference = reference or {}
-    rows: list[dict[str, Any]] = []
-    md = []
     base = arms[0]
+    arm_rows: dict[str, list[dict[str, Any]]] = {}  # model → per-arm CSV rows
+    tables, comparisons = {}, []  # model → per-arm markdown table; (model, arm, metric, summary)
     for model in dict.fromkeys(r["model"] for r in results):
         mine = [r for r in results if r["model"] == model]
         metrics = _metrics_present(mine)
         per = {arm: {r["seed"]: r for r in mine if r["arm"] == arm} for arm in arms}
         ref = reference.get(model, {})
-        arm_cells = []
+        arm_cells, arm_rows[model] = [], []
         for arm in arms:
             stats = {k: mean_std([r.get(k, math.nan) for r in per[arm].values()]) for k in metrics}
-            rows.append(
+            arm_rows[model].append(
                 {
                     "model": model,
                     "row": arm,
@@ -336,58 +348,38 @@ def aggregate(
                     "reference_map50": ref.get(arm, ""),
                 }
             )
-            cells = [arm, str(len(per[arm]))]
-            cells += [fmt(*stats[k], scale=METRICS[k][1], digits=2 if METRICS[k][1] == 100 else 4) for k in metrics]
+            n = len(per[arm])
+            cells = [arm, str(n)] + [fmt(*stats[k], *_scale_digits(k), n=n) for k in metrics]
             arm_cells.append(cells + ([f"{ref[arm]:.1f}" if arm in ref else "–"] if ref else []))
-        diff_cells = []
+        header = ["arm", "seeds", *(METRICS[k][0] for k in metrics)] + (["published mAP50 (%)"] if ref else [])
+        tables[model] = markdown_table(header, arm_cells)
         for arm in arms[1:]:
             for k in metrics:
-                diffs = paired_differences(
-                    {s: r[k] for s, r in per[arm].items()}, {s: r[k] for s, r in per[base].items()}
-                )
-                row = paired_row(diffs)
-                rows.append({"model": model, "row": f"{arm} - {base}", "metric": k, **row})
-                scale = METRICS[k][1]
-                diff_cells.append(
-                    [
-                        arm,
-                        k,
-                        fmt(row["mean"], row["std"], scale=scale, digits=2 if scale == 100 else 4),
-                        "–"
-                        if math.isnan(row["ci_low"])
-                        else f"[{row['ci_low'] * scale:+.2f}, {row['ci_high'] * scale:+.2f}]",
-                        f"{row['n_pos']}+ / {row['n_neg']}− (p = {row['sign_p']:.3g})",
-                        ", ".join(f"s{s}: {d * scale:+.2f}" for s, d in diffs.items()),
-                    ]
-                )
-        header = ["arm", "seeds", *(METRICS[k][0] for k in metrics)] + (["published mAP50 (%)"] if ref else [])
-        md.append(f"## {model}\n\n" + markdown_table(header, arm_cells))
+                treated, control = ({s: r[k] for s, r in per[a].items()} for a in (arm, base))
+                comparisons.append((model, arm, k, paired_summary(treated, control)))
+    summaries = with_holm([c[-1] for c in comparisons])
+    rows, md = [], []
+    for model, table in tables.items():
+        rows += arm_rows[model]
+        diff_cells = []
+        for (m, arm, k, _), summary in zip(comparisons, summaries, strict=True):
+            if m == model:
+                rows.append({"model": model, "row": f"{arm} - {base}", "metric": k, **summary.row()})
+                diff_cells.append([arm, k, *summary.cells(*_scale_digits(k))])
+        md.append(f"## {model}\n\n{table}")
         md.append(
             f"Paired differences, arm − {base} (mAP in percentage points):\n\n"
-            + markdown_table(["arm", "metric", "mean ± std", "95 % t-interval", "sign test", "per seed"], diff_cells)
+            + markdown_table(["arm", "metric", *SUMMARY_HEADER], diff_cells)
         )
     fields = ["model", "row", "metric", "seeds"]
     fields += sorted({k for r in rows for k in r} - set(fields))
     return [{k: r.get(k, "") for k in fields} for r in rows], "\n\n".join(md)
 
 
-def paired_row(diffs: Mapping[int, float]) -> dict[str, Any]:
-    """Summary of paired differences: n, mean, std, 95 % t-interval, sign-test counts and p, per seed."""
-    values = list(diffs.values())
-    mean, std = mean_std(values)
-    low, high = t_interval(values)
-    pos, neg, p = sign_test(values)
-    return {
-        "seeds": len(values),
-        "mean": mean,
-        "std": std,
-        "ci_low": low,
-        "ci_high": high,
-        "n_pos": pos,
-        "n_neg": neg,
-        "sign_p": p,
-        "per_seed": json.dumps({s: round(d, 6) for s, d in diffs.items()}),
-    }
+def _scale_digits(metric: str) -> tuple[float, int]:
+    """A metric's table scale and decimals: mAP in percent with 2, norms and traces as logged with 4."""
+    scale = METRICS[metric][1]
+    return scale, 2 if scale == 100 else 4
 
 
 def plot_effects(rows: list[dict[str, Any]], path: Path) -> Path:
