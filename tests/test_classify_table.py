@@ -84,6 +84,34 @@ def test_mini_harness_on_digits_with_paper_figures(tmp_path):
     assert len(other.stderr.strip().splitlines()) == 1
 
 
+def test_terminal_preset_plan_and_a_tiny_slice(tmp_path, capsys):
+    from sos_detect.classify.models import build_model, final_linear
+    from sos_detect.cli import main
+    from sos_detect.reproduce.classify import PLANS
+
+    cfg, plan = PRESETS["terminal"], PLANS["terminal"]
+    width = final_linear(build_model(cfg.model, 10, 1))[1].in_features  # m of the shifted layer: 64
+    assert (cfg.data, cfg.sos_mode, cfg.epochs) == ("digits", "paper", 200) and len(plan["seeds"]) >= 8
+    assert plan["schemes"] == ("sgd", "sgd+sos") and plan["sos_batches"][0] == 10  # b from the number of classes
+    assert plan["sos_batches"][-1] == round(0.6 * width) and list(plan["sos_batches"]) == sorted(plan["sos_batches"])
+    # a tiny slice with the preset's sweep: one seed (no interval to print), 2 epochs on 200 training images
+    args = ["reproduce", "classify", "--preset", "terminal", "--epochs", "2", "--train-subset", "200", "--seeds", "0"]
+    assert main([*args, "--out", str(tmp_path / "t")]) == 0
+    rows = {r["row"]: r for r in csv.DictReader((tmp_path / "t" / "classify.csv").read_text().splitlines())}
+    sweep = [f"sgd+sos b={b}" for b in plan["sos_batches"]]
+    assert list(rows) == ["sgd", *sweep, *(f"{r} - sgd" for r in sweep)]
+    for b in plan["sos_batches"]:
+        done = json.loads((tmp_path / "t" / "runs" / f"sgd_sos_b{b}_s0" / "done.json").read_text())
+        assert (done["config"]["sos_batch"], done["config"]["epochs"], done["config"]["model"]) == (b, 2, "mlp")
+        assert float(rows[f"sgd+sos b={b}"]["train_acc_mean"]) == pytest.approx(done["train_acc"])
+    md = (tmp_path / "t" / "classify.md").read_text()
+    assert "n = 1: no interval" in md and "± 0.00" not in md and "train acc (%)" in md
+    # without --seeds the preset's 8 seeds run
+    assert main([*args[:-2], "--schemes", "sgd", "--epochs", "1", "--out", str(tmp_path / "s")]) == 0
+    assert sorted(p.name for p in (tmp_path / "s" / "runs").iterdir()) == [f"sgd_s{s}" for s in plan["seeds"]]
+    capsys.readouterr()
+
+
 @pytest.mark.parametrize(
     "text,error",
     [
