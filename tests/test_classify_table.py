@@ -5,6 +5,7 @@ import csv
 import fnmatch
 import json
 import math
+import os
 import pickle
 import subprocess
 import sys
@@ -110,6 +111,20 @@ def test_terminal_preset_plan_and_a_tiny_slice(tmp_path, capsys):
     assert main([*args[:-2], "--schemes", "sgd", "--epochs", "1", "--out", str(tmp_path / "s")]) == 0
     assert sorted(p.name for p in (tmp_path / "s" / "runs").iterdir()) == [f"sgd_s{s}" for s in plan["seeds"]]
     capsys.readouterr()
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="--jobs 2 needs two cores to pin")
+def test_jobs_side_by_side_give_the_sequential_table(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread per run both ways
+    args = ["--preset", "terminal", "--epochs", "2", "--train-subset", "200", "--seeds", "0,1", "--sos-batch", "10"]
+    for jobs in (1, 2):
+        cmd = [sys.executable, "-m", "sos_detect.cli", "reproduce", "classify", *args, "--jobs", str(jobs)]
+        res = subprocess.run([*cmd, "--out", str(tmp_path / f"j{jobs}")], capture_output=True, text=True, env=env)
+        assert res.returncode == 0, res.stderr[-2000:]
+    assert (tmp_path / "j2" / "classify.csv").read_text() == (tmp_path / "j1" / "classify.csv").read_text()
+    logs = sorted(p.name for p in (tmp_path / "j2" / "logs").glob("*.log"))
+    assert logs == sorted(f"{run}_s{s}.log" for run in ("sgd", "sgd_sos_b10") for s in (0, 1))
+    assert not (tmp_path / "j1" / "logs").exists()  # one after another: in this process, as before
 
 
 @pytest.mark.parametrize(

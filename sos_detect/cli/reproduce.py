@@ -158,6 +158,12 @@ def _classify_parser(rsub: argparse._SubParsersAction) -> None:
         help="CSV with columns scheme,top1 (published test top-1 in %%) set beside the measured table instead of "
         "the paper's Tables 3/4, which ship with sos-detect and appear wherever a row matches",
     )
+    rc.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs side by side, each its own process pinned to 1/JOBS of the cores (default 1: one after another)",
+    )
     rc.add_argument("--out", default="runs/classify_table", help="output folder")
 
 
@@ -215,6 +221,7 @@ def cmd_reproduce_classify(a: argparse.Namespace) -> int:
         overrides=overrides,
         paper_figures=a.paper_figures,
         sos_batches=_seeds(a.sos_batch, "--sos-batch") if a.sos_batch else None,
+        jobs=a.jobs,
     )
     print(md.read_text())
     print(f"written: {md}, {csv_path}")

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from sos_detect.classify.train import CHECKPOINT, FINISHED, TrainConfig, changed_settings, train, with_imgsz
+from sos_detect.reproduce.jobs import core_shares, run_tasks
 from sos_detect.reproduce.paper import CITATION, PAPER_DIR, fmt_figure, table3_top1, table4_top1
 from sos_detect.reproduce.stats import (
     SUMMARY_HEADER,
@@ -93,9 +94,14 @@ def run_label(scheme: str, sos_batch: int | None) -> str:
     return scheme if sos_batch is None else f"{scheme} b={sos_batch}"
 
 
+def run_name(scheme: str, seed: int, sos_batch: int | None = None) -> str:
+    """A run's folder name under OUT/runs: SCHEME[_bB]_sSEED with + as _."""
+    return scheme.replace("+", "_") + (f"_b{sos_batch}" if sos_batch is not None else "") + f"_s{seed}"
+
+
 def run_scheme(scheme: str, seed: int, base: TrainConfig, out: Path, sos_batch: int | None = None) -> dict[str, Any]:
     """One finished run of `scheme` (read back when finished, resumed when interrupted) as a record for the table."""
-    name = scheme.replace("+", "_") + (f"_b{sos_batch}" if sos_batch is not None else "") + f"_s{seed}"
+    name = run_name(scheme, seed, sos_batch)
     folder = out / "runs" / name
     optimizer, _, sos = scheme.partition("+")
     cfg = replace(base, optimizer=optimizer, sos=bool(sos), seed=seed, project=str(folder.parent), name=name)
@@ -121,6 +127,13 @@ def run_scheme(scheme: str, seed: int, base: TrainConfig, out: Path, sos_batch: 
     if changed:
         raise ValueError(f"{done}: a finished run with other settings ({', '.join(changed)}); choose another --out")
     return record
+
+
+def run_task(folder: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    """`run_scheme` as a task of the side-by-side runner (reproduce/jobs.py): `folder` is OUT/runs/NAME, `settings`
+    {scheme, seed, sos_batch, base: the TrainConfig as a dict}."""
+    base = TrainConfig(**settings["base"])
+    return run_scheme(settings["scheme"], settings["seed"], base, folder.parent.parent, settings["sos_batch"])
 
 
 def read_paper_figures(path: str | Path) -> dict[str, float]:
@@ -241,10 +254,13 @@ def reproduce_classify(
     overrides: dict[str, Any] | None = None,
     paper_figures: str | Path | None = None,
     sos_batches: list[int] | None = None,
+    jobs: int = 1,
 ) -> tuple[Path, Path]:
-    """Train every scheme × seed (× SOS batch b for the SOS schemes, with sos_batches); finished runs are read back,
-    interrupted ones resumed. Seeds, schemes and SOS batches default to the preset's plan (PLANS). Writes
-    classify.md and classify.csv, the paper's matching figures beside."""
+    """Train every scheme × seed (× SOS batch b for the SOS schemes, with sos_batches), `jobs` runs side by side in
+    processes pinned to their share of the cores (reproduce/jobs.py); finished runs are read back, interrupted ones
+    resumed. Seeds, schemes and SOS batches default to the preset's plan (PLANS). Writes classify.md and
+    classify.csv, the paper's matching figures beside."""
+    core_shares(jobs)  # a --jobs this machine cannot pin: one line before anything trains
     defaults = PLANS[preset]
     seeds = list(defaults["seeds"] if seeds is None else seeds)
     schemes = tuple(defaults["schemes"] if schemes is None else schemes)
@@ -257,7 +273,15 @@ def reproduce_classify(
     plan = [
         (scheme, b) for scheme in schemes for b in (sos_batches if sos_batches and scheme.endswith("+sos") else [None])
     ]
-    results = [run_scheme(scheme, seed, base, out, b) for seed in seeds for scheme, b in plan]
+    tasks = [
+        (
+            out / "runs" / run_name(scheme, seed, b),
+            {"scheme": scheme, "seed": seed, "sos_batch": b, "base": asdict(base)},
+        )
+        for seed in seeds
+        for scheme, b in plan
+    ]
+    results = run_tasks(run_task, tasks, jobs, out / "logs")
     labels = {run_label(scheme, b): (scheme, b) for scheme, b in plan}
     if paper_figures:
         given = read_paper_figures(paper_figures)
