@@ -211,6 +211,19 @@ def test_jobs_side_by_side_give_the_sequential_table(tmp_path, tiny_data):
     assert len(too_many.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="--jobs 2 needs two cores to pin")
+def test_a_failed_worker_is_one_error_naming_the_run_and_its_log(tmp_path):
+    from sos_detect.reproduce.ab import train_run
+    from sos_detect.reproduce.jobs import run_tasks
+
+    task = (tmp_path / "runs" / "m_s0_a", {"model": "missing.yaml", "data": "none.yaml", "seed": 0})
+    with pytest.raises(ChildProcessError) as err:
+        run_tasks(train_run, [task], 2, tmp_path / "logs")
+    log = tmp_path / "logs" / "m_s0_a.log"
+    assert str(err.value) == f"{task[0]}: failed (exit 2): error: 'missing.yaml' does not exist (log: {log})"
+    assert not (tmp_path / "runs" / "m_s0_a" / "done.json").exists()
+
+
 def test_interrupted_run_resumes(tmp_path, tiny_data):
     from sos_detect.reproduce.ab import _checkpoint_epoch
 
