@@ -55,7 +55,8 @@ def _ab_parser(rsub: argparse._SubParsersAction) -> None:
         cmd_ab,
         help="A/B harness: named arms of training options x seeds on any data YAML, paired by seed, resumable",
         description="Trains every arm for every seed (the first arm is the baseline) and writes ab.md / ab.csv "
-        "(mean ± std per arm; paired differences with a 95%% t-interval and an exact sign test), the per-epoch "
+        "(mean ± std per arm; paired differences with a 95 % t-interval, the minimum detectable effect at 80 % power, "
+        "the paired t-test's p Holm-corrected across arms × metrics, and an exact sign test), the per-epoch "
         "curves and the effect plot. Finished runs are reused only with the same settings; interrupted ones resume.",
     )
     ab.add_argument(
@@ -119,7 +120,8 @@ def _classify_parser(rsub: argparse._SubParsersAction) -> None:
         cmd_reproduce_classify,
         help="SGD/SAM/NSO with and without SOS over seeds (Table 3 style)",
         description="Trains every scheme × seed (finished runs are read back, interrupted ones resumed) and "
-        "writes classify.md and classify.csv with mean ± std and paired differences, the paper's Table 3 (Table 4 "
+        "writes classify.md and classify.csv with mean ± std and paired differences (as reproduce ab: 95 % "
+        "t-interval, minimum detectable effect, Holm-corrected t-test p, sign test), the paper's Table 3 (Table 4 "
         "for an --sos-batch sweep) beside every row it has. Runs keep the layout OUT/runs/SCHEME_sSEED.",
     )
     rc.add_argument(
