@@ -19,6 +19,7 @@ from test_synthetic import digits_idx
 
 from sos_detect.detect.synthetic import SynthSpec, build_fashion_det
 from sos_detect.reproduce.ab import PRESETS, ABConfig, Pretrain, aggregate, check_arms, parse_arm, parse_options, run_ab
+from sos_detect.reproduce.jobs import core_shares
 from sos_detect.reproduce.stats import sign_test, t_interval, t_quantile
 
 COMMON = [
@@ -115,6 +116,7 @@ def test_study_statistics_recomputed_from_the_runs(study):
             values = [final[arm, s][key] for s in SEEDS]
             assert float(row[f"{key}_mean"]) == pytest.approx(np.mean(values), rel=1e-9, abs=1e-12)
             assert float(row[f"{key}_std"]) == pytest.approx(np.std(values, ddof=1), rel=1e-6, abs=1e-12)
+    t_ps = {}
     for key in ("map50", "map5095", "head_norm"):
         d = [final["guarded", s][key] - final["base", s][key] for s in SEEDS]
         row = next(r for r in rows if r["row"] == "guarded - base" and r["metric"] == key)
@@ -126,6 +128,20 @@ def test_study_statistics_recomputed_from_the_runs(study):
         assert (int(row["n_pos"]), int(row["n_neg"])) == (pos, neg)
         p = stats.binomtest(pos, pos + neg, 0.5).pvalue if pos + neg else 1.0
         assert float(row["sign_p"]) == pytest.approx(p)
+        mde = (stats.t.ppf(0.975, len(d) - 1) + stats.t.ppf(0.8, len(d) - 1)) * np.std(d, ddof=1) / np.sqrt(len(d))
+        assert float(row["mde80"]) == pytest.approx(mde, rel=1e-6, abs=1e-12)
+        # scipy's t-test; with no spread (equal differences) the test is decided: p = 1 at 0, else 0
+        t_ps[key] = stats.ttest_1samp(d, 0.0).pvalue if np.std(d) > 0 else float(np.mean(d) == 0)
+        assert float(row["t_p"]) == pytest.approx(t_ps[key], rel=1e-6)
+    # Holm across the study's arm × metric family (one arm here: the three metrics), as the procedure defines it
+    ranked = sorted(t_ps, key=t_ps.get)
+    adjusted = {
+        k: min(1.0, max((len(ranked) - j) * t_ps[ranked[j]] for j in range(i + 1))) for i, k in enumerate(ranked)
+    }
+    for key, value in adjusted.items():
+        row = next(r for r in rows if r["row"] == "guarded - base" and r["metric"] == key)
+        assert float(row["holm_p"]) == pytest.approx(value, rel=1e-6)
+    assert "MDE (80 %)" in (out / "ab.md").read_text() and "Holm p" in (out / "ab.md").read_text()
     assert (out / "runs" / "yolov5n_s0_guarded" / "sos_log.jsonl").is_file()
     assert not (out / "runs" / "yolov5n_s0_base" / "sos_log.jsonl").exists()
     for name in ("ab.md", "ab_effect.png", "ab_curves_yolov5n.png"):
@@ -164,6 +180,48 @@ def test_compare_plots_the_csv_columns(study, tmp_path):
     assert mean.error == pytest.approx(columns.std(0, ddof=1).tolist())
     res = _cli("compare", base, sos, "--out", tmp_path / "cli.png", timeout=300)
     assert res.returncode == 0 and (tmp_path / "cli.png").is_file(), res.stderr[-2000:]
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="--jobs 2 needs two cores to pin")
+def test_jobs_side_by_side_give_the_sequential_table(tmp_path, tiny_data):
+    # one thread per run both ways: one after another with OMP_NUM_THREADS=1, side by side on one core each
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmds = {
+        jobs: [sys.executable, "-m", "sos_detect.cli", *_ab_cmd(tiny_data, tmp_path / f"j{jobs}", seeds=(0, 1))]
+        + ["--epochs", "1", "--jobs", str(jobs)]
+        for jobs in (1, 2)
+    }
+    for cmd in cmds.values():
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=env)
+        assert res.returncode == 0, res.stderr[-3000:]
+    assert (tmp_path / "j2" / "ab.csv").read_text() == (tmp_path / "j1" / "ab.csv").read_text()
+    logs = sorted(p.name for p in (tmp_path / "j2" / "logs").glob("*.log"))
+    assert logs == [f"yolov5n_s{s}_{arm}.log" for s in (0, 1) for arm in ("base", "guarded")]
+    # every worker ran pinned to one core with one torch thread, as its first log line says (read from the process)
+    cores = sorted(os.sched_getaffinity(0))
+    first = [(tmp_path / "j2" / "logs" / name).read_text().splitlines()[0] for name in logs]
+    assert set(first) <= {f"worker: core(s) [{c}], 1 torch thread(s)" for c in cores[:2]}
+    assert core_shares(2, [0, 1, 2, 3, 4]) == [[0, 1, 2], [3, 4]]
+    again = subprocess.run(cmds[2], capture_output=True, text=True, timeout=1800, env=env)
+    assert again.returncode == 0 and "started on" not in again.stdout  # finished runs are read back, not retrained
+    too_many = subprocess.run(
+        [*cmds[2][:-1], str(len(os.sched_getaffinity(0)) + 1)], capture_output=True, text=True, env=env
+    )
+    assert too_many.returncode == 2 and too_many.stderr.strip().endswith("cores this process may use")
+    assert len(too_many.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="--jobs 2 needs two cores to pin")
+def test_a_failed_worker_is_one_error_naming_the_run_and_its_log(tmp_path):
+    from sos_detect.reproduce.ab import train_run
+    from sos_detect.reproduce.jobs import run_tasks
+
+    task = (tmp_path / "runs" / "m_s0_a", {"model": "missing.yaml", "data": "none.yaml", "seed": 0})
+    with pytest.raises(ChildProcessError) as err:
+        run_tasks(train_run, [task], 2, tmp_path / "logs")
+    log = tmp_path / "logs" / "m_s0_a.log"
+    assert str(err.value) == f"{task[0]}: failed (exit 2): error: 'missing.yaml' does not exist (log: {log})"
+    assert not (tmp_path / "runs" / "m_s0_a" / "done.json").exists()
 
 
 def test_interrupted_run_resumes(tmp_path, tiny_data):

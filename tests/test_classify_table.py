@@ -5,6 +5,7 @@ import csv
 import fnmatch
 import json
 import math
+import os
 import pickle
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy import stats
 
 from sos_detect.classify.data import read_cifar
 from sos_detect.reproduce.classify import PRESETS, published_figures, read_paper_figures
@@ -53,7 +55,17 @@ def test_mini_harness_on_digits_with_paper_figures(tmp_path):
         assert float(rows[scheme]["top1_mean"]) == pytest.approx((a + b) / 2)
         assert float(rows[scheme]["top1_std"]) == pytest.approx(abs(a - b) / math.sqrt(2))
     d0, d1 = (done[("sgd_sos", s)]["top1"] - done[("sgd", s)]["top1"] for s in (0, 1))
-    assert float(rows["sgd+sos - sgd"]["top1_mean"]) == pytest.approx((d0 + d1) / 2)
+    diff = rows["sgd+sos - sgd"]
+    assert float(diff["top1_mean"]) == pytest.approx((d0 + d1) / 2)
+    # the A/B harness's paired summary: 95 % t-interval and MDE at 80 % power (1 df), recomputed with scipy
+    sd = abs(d0 - d1) / math.sqrt(2)
+    half = stats.t.ppf(0.975, 1) * sd / math.sqrt(2)
+    assert (float(diff["top1_ci_low"]), float(diff["top1_ci_high"])) == pytest.approx(
+        ((d0 + d1) / 2 - half, (d0 + d1) / 2 + half), abs=1e-12
+    )
+    mde = (stats.t.ppf(0.975, 1) + stats.t.ppf(0.8, 1)) * sd / math.sqrt(2)
+    assert float(diff["top1_mde80"]) == pytest.approx(mde, abs=1e-12)
+    assert all(0 < float(rows[r]["train_acc_mean"]) <= 1 for r in ("sgd", "sgd+sos"))
     assert float(rows["sgd"]["paper_top1"]) == 90.0 and float(rows["sgd+sos"]["paper_top1"]) == 91.5
     ours = 100 * (done[("sgd", 0)]["top1"] + done[("sgd", 1)]["top1"]) / 2
     md = (tmp_path / "t" / "classify.md").read_text()
@@ -71,6 +83,48 @@ def test_mini_harness_on_digits_with_paper_figures(tmp_path):
     assert other.returncode == 2 and "done.json" in other.stderr and "epochs 2 → 3" in other.stderr
     assert other.stderr.startswith(f"sos-detect reproduce classify: error: {tmp_path}")  # the message, not its repr
     assert len(other.stderr.strip().splitlines()) == 1
+
+
+def test_terminal_preset_plan_and_a_tiny_slice(tmp_path, capsys):
+    from sos_detect.classify.models import build_model, final_linear
+    from sos_detect.cli import main
+    from sos_detect.reproduce.classify import PLANS
+
+    cfg, plan = PRESETS["terminal"], PLANS["terminal"]
+    width = final_linear(build_model(cfg.model, 10, 1))[1].in_features  # m of the shifted layer: 64
+    assert (cfg.data, cfg.sos_mode, cfg.epochs) == ("digits", "paper", 200) and len(plan["seeds"]) >= 8
+    assert plan["schemes"] == ("sgd", "sgd+sos") and plan["sos_batches"][0] == 10  # b from the number of classes
+    assert plan["sos_batches"][-1] == round(0.6 * width) and list(plan["sos_batches"]) == sorted(plan["sos_batches"])
+    # a tiny slice with the preset's sweep: one seed (no interval to print), 2 epochs on 200 training images
+    args = ["reproduce", "classify", "--preset", "terminal", "--epochs", "2", "--train-subset", "200", "--seeds", "0"]
+    assert main([*args, "--out", str(tmp_path / "t")]) == 0
+    rows = {r["row"]: r for r in csv.DictReader((tmp_path / "t" / "classify.csv").read_text().splitlines())}
+    sweep = [f"sgd+sos b={b}" for b in plan["sos_batches"]]
+    assert list(rows) == ["sgd", *sweep, *(f"{r} - sgd" for r in sweep)]
+    for b in plan["sos_batches"]:
+        done = json.loads((tmp_path / "t" / "runs" / f"sgd_sos_b{b}_s0" / "done.json").read_text())
+        assert (done["config"]["sos_batch"], done["config"]["epochs"], done["config"]["model"]) == (b, 2, "mlp")
+        assert float(rows[f"sgd+sos b={b}"]["train_acc_mean"]) == pytest.approx(done["train_acc"])
+    md = (tmp_path / "t" / "classify.md").read_text()
+    assert "n = 1: no interval" in md and "± 0.00" not in md and "train acc (%)" in md
+    # without --seeds the preset's 8 seeds run
+    assert main([*args[:-2], "--schemes", "sgd", "--epochs", "1", "--out", str(tmp_path / "s")]) == 0
+    assert sorted(p.name for p in (tmp_path / "s" / "runs").iterdir()) == [f"sgd_s{s}" for s in plan["seeds"]]
+    capsys.readouterr()
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="--jobs 2 needs two cores to pin")
+def test_jobs_side_by_side_give_the_sequential_table(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread per run both ways
+    args = ["--preset", "terminal", "--epochs", "2", "--train-subset", "200", "--seeds", "0,1", "--sos-batch", "10"]
+    for jobs in (1, 2):
+        cmd = [sys.executable, "-m", "sos_detect.cli", "reproduce", "classify", *args, "--jobs", str(jobs)]
+        res = subprocess.run([*cmd, "--out", str(tmp_path / f"j{jobs}")], capture_output=True, text=True, env=env)
+        assert res.returncode == 0, res.stderr[-2000:]
+    assert (tmp_path / "j2" / "classify.csv").read_text() == (tmp_path / "j1" / "classify.csv").read_text()
+    logs = sorted(p.name for p in (tmp_path / "j2" / "logs").glob("*.log"))
+    assert logs == sorted(f"{run}_s{s}.log" for run in ("sgd", "sgd_sos_b10") for s in (0, 1))
+    assert not (tmp_path / "j1" / "logs").exists()  # one after another: in this process, as before
 
 
 @pytest.mark.parametrize(
@@ -230,6 +284,14 @@ def test_posthoc_and_detection_figures_come_from_the_shipped_tables():
     )
     assert "arXiv 2405.14111" in cite and "README.md" in cite
     assert posthoc_lines("resnet50_imagenet", "imagefolder", 10) == []  # not ImageNet
+    # Table 2's ShuffleNet is torchvision's x2_0: its "before" figures are that model's published ImageNet accuracy
+    import torchvision
+
+    (shuffle,) = shipped("table2_posthoc_imagenet.csv", when="before", model="shufflenet_v2_x2_0")
+    meta = torchvision.models.get_model_weights("shufflenet_v2_x2_0").DEFAULT.meta["_metrics"]["ImageNet-1K"]
+    assert abs(float(shuffle["top1"]) - meta["acc@1"]) < 0.01 and abs(float(shuffle["top5"]) - meta["acc@5"]) < 0.01
+    assert "76.23" in posthoc_lines("shufflenet_v2_x2_0", "imagefolder", 1000)[0]
+    assert posthoc_lines("shufflenet_v2_x1_0", "imagefolder", 1000) == []  # 69.36 / 88.32: not in the paper
     assert posthoc_lines("smallcnn", "cifar10", 10) == []
     rows = shipped("table5_voc_detection.csv")
     assert table5_map50() == {

@@ -9,7 +9,7 @@ import torchvision
 from torch import nn
 
 CIFAR_MODELS = ("resnet18", "resnet50", "vgg16_bn", "densenet201")
-IMAGENET_MODELS = ("resnet50_imagenet", "shufflenet_v2_x1_0", "resnext50_32x4d")
+IMAGENET_MODELS = ("resnet50_imagenet", "shufflenet_v2_x1_0", "shufflenet_v2_x2_0", "resnext50_32x4d")
 SMALL_MODELS = ("smallcnn", "mlp")
 MODELS = CIFAR_MODELS + IMAGENET_MODELS + SMALL_MODELS
 

@@ -35,7 +35,7 @@ def _common_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         help="resnet18 (default), resnet50, vgg16_bn, densenet201 (CIFAR stems), resnet50_imagenet, "
-        "shufflenet_v2_x1_0, resnext50_32x4d, smallcnn, mlp",
+        "shufflenet_v2_x1_0, shufflenet_v2_x2_0 (the paper's Table 2 ShuffleNet), resnext50_32x4d, smallcnn, mlp",
     )
     p.add_argument("--data", help="cifar100 (default), cifar10, imagefolder, fashion-mnist, digits")
     p.add_argument(

@@ -23,25 +23,10 @@ from typing import Any
 
 from sos_detect.detect.compare import compare_runs
 from sos_detect.detect.plots import pyplot, read_results, save_figure, trace_columns
-from sos_detect.reproduce.stats import (
-    fmt,
-    markdown_table,
-    mean_std,
-    paired_differences,
-    sign_test,
-    t_interval,
-    write_csv,
-)
+from sos_detect.reproduce.ab_report import STATISTICS_NOTE, aggregate
+from sos_detect.reproduce.jobs import core_shares, run_tasks
+from sos_detect.reproduce.stats import write_csv
 
-# metric key → (table header, scale); mAP figures in percent, norm and trace as logged
-METRICS = {
-    "map50": ("mAP50 (%)", 100.0),
-    "map5095": ("mAP50-95 (%)", 100.0),
-    "voc07": ("VOC07 mAP (%)", 100.0),
-    "head_norm": ("head norm", 1.0),
-    "trace_head": ("tr(H) head", 1.0),
-    "trace_all": ("tr(H) model", 1.0),
-}
 RUN_FREE = ("device", "workers")  # settings a finished or resumed run may differ in
 
 
@@ -265,21 +250,27 @@ def check_arms(cfg: ABConfig) -> None:
             raise ValueError(f"arm {arm!r}: {err}") from None
 
 
-def run_ab(cfg: ABConfig, out: str | Path, name: str = "ab") -> list[Path]:
-    """Train (or reuse, or resume) every model × seed × arm; write {name}.md, {name}.csv, the per-model curves
-    {name}_curves_MODEL.png and the effect plot {name}_effect.png under `out`; return the written paths."""
+def run_ab(cfg: ABConfig, out: str | Path, name: str = "ab", jobs: int = 1) -> list[Path]:
+    """Train (or reuse, or resume) every model × seed × arm — `jobs` runs side by side, each in its own process
+    pinned to its share of the cores (reproduce/jobs.py) — and write {name}.md, {name}.csv, the per-model curves
+    {name}_curves_MODEL.png and the effect plot {name}_effect.png under `out`; return the written paths. A shared
+    pretrained start is trained first, in this process."""
     check_arms(cfg)
+    core_shares(jobs)  # a --jobs this machine cannot pin: one line before anything trains
     out = Path(out).resolve()  # Ultralytics puts a relative project under its own runs folder
     out.mkdir(parents=True, exist_ok=True)
-    results, written = [], []
+    plan, tasks, written = [], [], []
     for model in cfg.models:
         start = shared_start(cfg, model, out)
         data = arm_data(cfg, out / "data")
         for seed in cfg.seeds:  # seeds outermost: an interrupted study holds complete pairs
             for arm in cfg.arms:
                 run_dir = out / "runs" / f"{Path(model).stem}_s{seed}_{arm}"
-                record = train_run(run_dir, run_settings(cfg, model, seed, arm, data, start))
-                results.append({"model": model, "seed": seed, "arm": arm, "run": str(run_dir), **record})
+                plan.append({"model": model, "seed": seed, "arm": arm, "run": str(run_dir)})
+                tasks.append((run_dir, run_settings(cfg, model, seed, arm, data, start)))
+    records = run_tasks(train_run, tasks, jobs, out / "logs")
+    results = [{**where, **record} for where, record in zip(plan, records, strict=True)]
+    for model in cfg.models:
         groups = {arm: [r["run"] for r in results if r["model"] == model and r["arm"] == arm] for arm in cfg.arms}
         curves = out / f"{name}_curves_{Path(model).stem}.png"
         compare_runs(groups, curves, title=f"{model}: {', '.join(groups)} (seeds {list(cfg.seeds)})")
@@ -298,96 +289,10 @@ def run_ab(cfg: ABConfig, out: str | Path, name: str = "ab") -> list[Path]:
     }
     (out / f"{name}.md").write_text(
         f"# A/B comparison: {out.name}\n\n" + (f"{cfg.description}\n\n" if cfg.description else "") + f"{table}\n\n"
-        "Final-epoch validation (results.csv) of each run; mean ± sample std over seeds; paired differences "
-        "arm − baseline per seed with a two-sided 95 % Student-t interval and an exact two-sided sign test.\n\n"
+        f"{STATISTICS_NOTE}\n\n"
         f"Settings: `{json.dumps(settings)}`\n"
     )
     return [out / f"{name}.md", out / f"{name}.csv", out / f"{name}_effect.png", *written]
-
-
-def _metrics_present(results: list[dict[str, Any]]) -> list[str]:
-    return [k for k in METRICS if any(not math.isnan(float(r.get(k, math.nan))) for r in results)]
-
-
-def aggregate(
-    results: list[dict[str, Any]], arms: list[str], reference: Mapping[str, Mapping[str, float]] | None = None
-) -> tuple[list[dict], str]:
-    """CSV rows and markdown: per model and arm mean ± std of each metric; per arm the paired differences
-    against the first arm with their 95 % t-interval and exact sign test."""
-    reference = reference or {}
-    rows: list[dict[str, Any]] = []
-    md = []
-    base = arms[0]
-    for model in dict.fromkeys(r["model"] for r in results):
-        mine = [r for r in results if r["model"] == model]
-        metrics = _metrics_present(mine)
-        per = {arm: {r["seed"]: r for r in mine if r["arm"] == arm} for arm in arms}
-        ref = reference.get(model, {})
-        arm_cells = []
-        for arm in arms:
-            stats = {k: mean_std([r.get(k, math.nan) for r in per[arm].values()]) for k in metrics}
-            rows.append(
-                {
-                    "model": model,
-                    "row": arm,
-                    "seeds": len(per[arm]),
-                    **{f"{k}_{s}": v for k, (m, sd) in stats.items() for s, v in (("mean", m), ("std", sd))},
-                    "per_seed": json.dumps({s: round(r["map50"], 5) for s, r in per[arm].items()}),
-                    "reference_map50": ref.get(arm, ""),
-                }
-            )
-            cells = [arm, str(len(per[arm]))]
-            cells += [fmt(*stats[k], scale=METRICS[k][1], digits=2 if METRICS[k][1] == 100 else 4) for k in metrics]
-            arm_cells.append(cells + ([f"{ref[arm]:.1f}" if arm in ref else "–"] if ref else []))
-        diff_cells = []
-        for arm in arms[1:]:
-            for k in metrics:
-                diffs = paired_differences(
-                    {s: r[k] for s, r in per[arm].items()}, {s: r[k] for s, r in per[base].items()}
-                )
-                row = paired_row(diffs)
-                rows.append({"model": model, "row": f"{arm} - {base}", "metric": k, **row})
-                scale = METRICS[k][1]
-                diff_cells.append(
-                    [
-                        arm,
-                        k,
-                        fmt(row["mean"], row["std"], scale=scale, digits=2 if scale == 100 else 4),
-                        "–"
-                        if math.isnan(row["ci_low"])
-                        else f"[{row['ci_low'] * scale:+.2f}, {row['ci_high'] * scale:+.2f}]",
-                        f"{row['n_pos']}+ / {row['n_neg']}− (p = {row['sign_p']:.3g})",
-                        ", ".join(f"s{s}: {d * scale:+.2f}" for s, d in diffs.items()),
-                    ]
-                )
-        header = ["arm", "seeds", *(METRICS[k][0] for k in metrics)] + (["published mAP50 (%)"] if ref else [])
-        md.append(f"## {model}\n\n" + markdown_table(header, arm_cells))
-        md.append(
-            f"Paired differences, arm − {base} (mAP in percentage points):\n\n"
-            + markdown_table(["arm", "metric", "mean ± std", "95 % t-interval", "sign test", "per seed"], diff_cells)
-        )
-    fields = ["model", "row", "metric", "seeds"]
-    fields += sorted({k for r in rows for k in r} - set(fields))
-    return [{k: r.get(k, "") for k in fields} for r in rows], "\n\n".join(md)
-
-
-def paired_row(diffs: Mapping[int, float]) -> dict[str, Any]:
-    """Summary of paired differences: n, mean, std, 95 % t-interval, sign-test counts and p, per seed."""
-    values = list(diffs.values())
-    mean, std = mean_std(values)
-    low, high = t_interval(values)
-    pos, neg, p = sign_test(values)
-    return {
-        "seeds": len(values),
-        "mean": mean,
-        "std": std,
-        "ci_low": low,
-        "ci_high": high,
-        "n_pos": pos,
-        "n_neg": neg,
-        "sign_p": p,
-        "per_seed": json.dumps({s: round(d, 6) for s, d in diffs.items()}),
-    }
 
 
 def plot_effects(rows: list[dict[str, Any]], path: Path) -> Path:

@@ -15,10 +15,21 @@ from typing import Any
 import torch
 
 from sos_detect.classify.train import CHECKPOINT, FINISHED, TrainConfig, changed_settings, train, with_imgsz
+from sos_detect.reproduce.jobs import core_shares, run_tasks
 from sos_detect.reproduce.paper import CITATION, PAPER_DIR, fmt_figure, table3_top1, table4_top1
-from sos_detect.reproduce.stats import fmt, markdown_table, mean_std, paired_differences, write_csv
+from sos_detect.reproduce.stats import (
+    SUMMARY_HEADER,
+    fmt,
+    markdown_table,
+    mean_std,
+    paired_summary,
+    with_holm,
+    write_csv,
+)
 
 SCHEMES = ("sgd", "sgd+sos", "sam", "sam+sos", "nso", "nso+sos")
+RUN_METRICS = ("top1", "top5", "train_acc", "last_norm")  # a run's final epoch: test top-1/5, training accuracy
+PAIRED_METRICS = ("top1", "top5")  # SOS − without, paired by seed
 PRESETS = {
     # CIFAR-100, ResNet-18 (CIFAR stem), the paper's Table 3 setting: 300 epochs, batch 64, SGD Nesterov 0.9, weight
     # decay 1e-4, lr 0.1 ÷10 at 50 % and 75 %, SOS paper mode with b = 300.
@@ -53,6 +64,28 @@ PRESETS = {
         train_subset=10_000,
         device="cpu",
     ),
+    # The terminal phase of training, the regime of the paper's Neural Collapse argument: scikit-learn's digits
+    # (1,347 training / 450 test images, in the wheel), the 64-64-10 MLP trained to 100 % training accuracy and well
+    # beyond (200 epochs, ÷10 at 50 % and 75 %), paper-mode SOS every epoch; its last layer is m = 64 wide.
+    "terminal": TrainConfig(
+        model="mlp",
+        data="digits",
+        epochs=200,
+        batch_size=64,
+        lr=0.05,
+        weight_decay=5e-4,
+        schedule="step",
+        sos_mode="paper",
+        sos_batch=38,
+        device="cpu",
+    ),
+}
+# What a preset runs unless the command line says otherwise: seeds, schemes and the SOS batches b of a sweep (None:
+# the config's one b). terminal: b from the number of classes (10) to ≈ 0.6·m = 38, 8 paired seeds.
+PLANS: dict[str, dict[str, Any]] = {
+    "paper": {"seeds": (0, 1, 2), "schemes": SCHEMES, "sos_batches": None},
+    "mini": {"seeds": (0, 1, 2), "schemes": SCHEMES, "sos_batches": None},
+    "terminal": {"seeds": tuple(range(8)), "schemes": ("sgd", "sgd+sos"), "sos_batches": (10, 16, 24, 32, 38)},
 }
 
 
@@ -61,9 +94,14 @@ def run_label(scheme: str, sos_batch: int | None) -> str:
     return scheme if sos_batch is None else f"{scheme} b={sos_batch}"
 
 
+def run_name(scheme: str, seed: int, sos_batch: int | None = None) -> str:
+    """A run's folder name under OUT/runs: SCHEME[_bB]_sSEED with + as _."""
+    return scheme.replace("+", "_") + (f"_b{sos_batch}" if sos_batch is not None else "") + f"_s{seed}"
+
+
 def run_scheme(scheme: str, seed: int, base: TrainConfig, out: Path, sos_batch: int | None = None) -> dict[str, Any]:
     """One finished run of `scheme` (read back when finished, resumed when interrupted) as a record for the table."""
-    name = scheme.replace("+", "_") + (f"_b{sos_batch}" if sos_batch is not None else "") + f"_s{seed}"
+    name = run_name(scheme, seed, sos_batch)
     folder = out / "runs" / name
     optimizer, _, sos = scheme.partition("+")
     cfg = replace(base, optimizer=optimizer, sos=bool(sos), seed=seed, project=str(folder.parent), name=name)
@@ -78,6 +116,7 @@ def run_scheme(scheme: str, seed: int, base: TrainConfig, out: Path, sos_batch: 
             "row": run_label(scheme, sos_batch),
             "seed": seed,
             **{k: float(final[f"test_{k}"]) for k in ("top1", "top5")},
+            "train_acc": float(final["train_acc"]),
             "last_norm": float(final["last_norm"]),
             "seconds": float(final["seconds"]),
             "config": torch.load(folder / FINISHED, map_location="cpu", weights_only=True)["config"],
@@ -88,6 +127,13 @@ def run_scheme(scheme: str, seed: int, base: TrainConfig, out: Path, sos_batch: 
     if changed:
         raise ValueError(f"{done}: a finished run with other settings ({', '.join(changed)}); choose another --out")
     return record
+
+
+def run_task(folder: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    """`run_scheme` as a task of the side-by-side runner (reproduce/jobs.py): `folder` is OUT/runs/NAME, `settings`
+    {scheme, seed, sos_batch, base: the TrainConfig as a dict}."""
+    base = TrainConfig(**settings["base"])
+    return run_scheme(settings["scheme"], settings["seed"], base, folder.parent.parent, settings["sos_batch"])
 
 
 def read_paper_figures(path: str | Path) -> dict[str, float]:
@@ -128,17 +174,19 @@ def published_figures(base: TrainConfig, labels: dict[str, tuple[str, int | None
 
 
 def aggregate(results: list[dict[str, Any]], paper: dict[str, tuple] | None = None) -> tuple[list[dict], str]:
-    """Rows (mean ± std over seeds) and, per SOS row, its paired difference with the scheme without SOS.
+    """Rows (mean ± std over seeds) and, per SOS row, its paired difference with the scheme without SOS in test
+    top-1 and top-5 (`paired_summary`: 95 % t-interval, MDE at 80 % power, t-test p Holm-corrected across every
+    comparison × metric of the table, sign test).
 
     `paper`: {row: ((top-1 %, std), source)} set beside the rows it names.
     """
     paper = paper or {}
-    rows, md_rows, diff_rows = [], [], []
+    rows, md_rows, comparisons = [], [], []
     label = lambda r: r.get("row", r["scheme"])  # noqa: E731
     by = {row: {r["seed"]: r for r in results if label(r) == row} for row in dict.fromkeys(map(label, results))}
     base_row = {row: row.split(" ")[0][:-4] for row in by if row.split(" ")[0].endswith("+sos")}
     for row, per in by.items():
-        stats = {k: mean_std([r[k] for r in per.values()]) for k in ("top1", "top5", "last_norm")}
+        stats = {k: mean_std([r.get(k, math.nan) for r in per.values()]) for k in RUN_METRICS}
         (published, std), source = paper.get(row, ((math.nan, math.nan), ""))
         rows.append(
             {
@@ -151,35 +199,31 @@ def aggregate(results: list[dict[str, Any]], paper: dict[str, tuple] | None = No
                 "paper_source": source,
             }
         )
-        cells = [row, str(len(per)), fmt(*stats["top1"]), fmt(*stats["top5"]), fmt(*stats["last_norm"], 1.0, 3)]
+        n = len(per)
+        cells = [row, str(n), *(fmt(*stats[k], n=n) for k in ("top1", "top5", "train_acc"))]
+        cells.append(fmt(*stats["last_norm"], 1.0, 3, n=n))
         if paper:
             ours = stats["top1"][0] * 100 - published
             cells.append("–" if row not in paper else f"{fmt_figure((published, std))} / {ours:+.2f} ({source})")
         md_rows.append(cells)
         if base_row.get(row) in by:
             base = base_row[row]
-            diffs = paired_differences(
-                {s: r["top1"] for s, r in per.items()}, {s: r["top1"] for s, r in by[base].items()}
-            )
-            m, sd = mean_std(list(diffs.values()))
-            rows.append(
-                {
-                    "row": f"{row} - {base}",
-                    "seeds": len(diffs),
-                    "top1_mean": m,
-                    "top1_std": sd,
-                    "per_seed_top1": json.dumps({s: round(d, 5) for s, d in diffs.items()}),
-                }
-            )
-            diff_rows.append(
-                [f"{row} − {base}", ", ".join(f"s{s}: {d * 100:+.2f}" for s, d in diffs.items()), fmt(m, sd)]
-            )
+            for k in PAIRED_METRICS:
+                treated, control = ({s: r[k] for s, r in runs.items()} for runs in (per, by[base]))
+                comparisons.append((f"{row} - {base}", f"{row} − {base}", k, paired_summary(treated, control)))
+    diff_rows, diff_cells = {}, []
+    for (key, name, k, _), summary in zip(comparisons, with_holm([c[-1] for c in comparisons]), strict=True):
+        cols = summary.row()
+        diff_rows.setdefault(key, {"row": key, "seeds": cols.pop("seeds")})
+        diff_rows[key] |= {f"{k}_{c}": v for c, v in cols.items() if c != "seeds"}
+        diff_cells.append([name, k, *summary.cells()])
+    rows += diff_rows.values()
     fields = ["row", "seeds"] + sorted({k for r in rows for k in r} - {"row", "seeds"})
     rows = [{k: r.get(k, "") for k in fields} for r in rows]
-    header = ["row", "seeds", "test top-1 (%)", "test top-5 (%)", "last-layer norm"]
+    header = ["row", "seeds", "test top-1 (%)", "test top-5 (%)", "train acc (%)", "last-layer norm"]
     md = markdown_table(header + (["paper top-1 (%) / ours − paper"] if paper else []), md_rows)
-    md += "\n\nPaired differences in test top-1 (percentage points):\n\n"
-    md += markdown_table(["comparison", "per seed", "mean ± std"], diff_rows)
+    md += "\n\nPaired differences, SOS − without (percentage points):\n\n"
+    md += markdown_table(["comparison", "metric", *SUMMARY_HEADER], diff_cells)
     return rows, md
 
 
@@ -205,14 +249,22 @@ def reproduce_classify(
     preset: str,
     out: Path,
     *,
-    seeds: list[int],
-    schemes: tuple[str, ...] = SCHEMES,
+    seeds: list[int] | None = None,
+    schemes: tuple[str, ...] | None = None,
     overrides: dict[str, Any] | None = None,
     paper_figures: str | Path | None = None,
     sos_batches: list[int] | None = None,
+    jobs: int = 1,
 ) -> tuple[Path, Path]:
-    """Train every scheme × seed (× SOS batch b for the SOS schemes, with sos_batches); finished runs are read back,
-    interrupted ones resumed. Writes classify.md and classify.csv, the paper's matching figures beside."""
+    """Train every scheme × seed (× SOS batch b for the SOS schemes, with sos_batches), `jobs` runs side by side in
+    processes pinned to their share of the cores (reproduce/jobs.py); finished runs are read back, interrupted ones
+    resumed. Seeds, schemes and SOS batches default to the preset's plan (PLANS). Writes classify.md and
+    classify.csv, the paper's matching figures beside."""
+    core_shares(jobs)  # a --jobs this machine cannot pin: one line before anything trains
+    defaults = PLANS[preset]
+    seeds = list(defaults["seeds"] if seeds is None else seeds)
+    schemes = tuple(defaults["schemes"] if schemes is None else schemes)
+    sos_batches = list(defaults["sos_batches"] or []) if sos_batches is None else sos_batches
     base = replace(PRESETS[preset], **(overrides or {}))
     base.check()
     for b in sos_batches or ():
@@ -221,7 +273,15 @@ def reproduce_classify(
     plan = [
         (scheme, b) for scheme in schemes for b in (sos_batches if sos_batches and scheme.endswith("+sos") else [None])
     ]
-    results = [run_scheme(scheme, seed, base, out, b) for seed in seeds for scheme, b in plan]
+    tasks = [
+        (
+            out / "runs" / run_name(scheme, seed, b),
+            {"scheme": scheme, "seed": seed, "sos_batch": b, "base": asdict(base)},
+        )
+        for seed in seeds
+        for scheme, b in plan
+    ]
+    results = run_tasks(run_task, tasks, jobs, out / "logs")
     labels = {run_label(scheme, b): (scheme, b) for scheme, b in plan}
     if paper_figures:
         given = read_paper_figures(paper_figures)
@@ -236,7 +296,11 @@ def reproduce_classify(
         if k not in ("project", "name", "exist_ok", "optimizer", "sos", "seed", "resume")
     }
     (out / "classify.md").write_text(
-        f"# Classification reproduction — preset `{preset}`\n\n{table}\n\nFinal-epoch test accuracy, mean ± sample "
-        f"std over seeds {seeds}. {_paper_note(base, paper, paper_figures)}\nSettings: {json.dumps(settings)}\n"
+        f"# Classification reproduction — preset `{preset}`\n\n{table}\n\nFinal-epoch test accuracy (and the last "
+        f"epoch's training accuracy, measured on the fly), mean ± sample std over seeds {seeds}; paired differences "
+        "with a two-sided 95 % t-interval, the minimum detectable effect of a two-sided paired t-test at α = 0.05 "
+        "with 80 % power (≈ (t_{0.975,n−1} + t_{0.8,n−1})·sd/√n), the t-test p and that p Holm-corrected across "
+        f"the table's comparisons × metrics. {_paper_note(base, paper, paper_figures)}\n"
+        f"Settings: {json.dumps(settings)}\n"
     )
     return out / "classify.md", out / "classify.csv"

@@ -1,10 +1,13 @@
-"""Aggregation over seeds: mean ± sample std, paired differences, markdown/CSV tables."""
+"""Aggregation over seeds: mean ± sample std, paired differences (`paired_summary`: t-interval, paired t-test,
+minimum detectable effect, sign test; `holm` across a study's comparisons), markdown/CSV tables."""
 
 from __future__ import annotations
 
 import csv
+import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 
@@ -24,9 +27,12 @@ def paired_differences(treated: dict[int, float], control: dict[int, float]) -> 
     return {s: treated[s] - control[s] for s in sorted(set(treated) & set(control))}
 
 
-def fmt(mean: float, std: float, scale: float = 100.0, digits: int = 2) -> str:
+def fmt(mean: float, std: float, scale: float = 100.0, digits: int = 2, n: int | None = None) -> str:
+    """'mean ± std' scaled; with n = 1 the mean alone and '(n = 1)' (one value has no spread)."""
     if math.isnan(mean):
         return "–"
+    if n == 1:
+        return f"{mean * scale:.{digits}f} (n = 1)"
     return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
 
 
@@ -94,3 +100,131 @@ def sign_test(values: Sequence[float]) -> tuple[int, int, float]:
         return 0, 0, 1.0
     tail = sum(math.comb(n, k) for k in range(min(pos, neg) + 1)) / 2**n
     return pos, neg, min(1.0, 2 * tail)
+
+
+def t_test_p(values: Sequence[float]) -> float:
+    """Two-sided one-sample (paired) t-test of mean 0: p = P(|T_{n−1}| ≥ |x̄|/(s/√n)); NaN for n < 2;
+    with s = 0, 1 when x̄ = 0 and 0 otherwise."""
+    vals = [float(v) for v in values if not math.isnan(float(v))]
+    if len(vals) < 2:
+        return math.nan
+    mean, sd = mean_std(vals)
+    if sd == 0:
+        return 1.0 if mean == 0 else 0.0
+    return max(0.0, 1.0 - _t_two_sided_mass(abs(mean) / (sd / math.sqrt(len(vals))), len(vals) - 1))
+
+
+def min_detectable_effect(sd: float, n: int, alpha: float = 0.05, power: float = 0.8) -> float:
+    """Smallest true mean difference a two-sided paired t-test at level `alpha` detects with probability `power`:
+    MDE ≈ (t_{1−α/2, n−1} + t_{power, n−1}) · sd/√n, sd the observed paired standard deviation (NaN for n < 2).
+
+    This is the usual t-quantile approximation, not the exact noncentral-t solution of power(δ) = `power`; at
+    80 % power it lies below the exact MDE by 5 % (n = 3), 1.3 % (n = 5), 0.3 % (n = 8) and within 0.1 % of it
+    from n = 15 on."""
+    if n < 2 or math.isnan(sd):
+        return math.nan
+    df = n - 1
+    return (t_quantile(1 - alpha, df) + t_quantile(2 * power - 1, df)) * sd / math.sqrt(n)
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values for one family (NaN entries are not in it and stay NaN): with the k
+    p-values sorted, p_(1) ≤ … ≤ p_(k), adjusted p_(i) = max_{j ≤ i} min(1, (k − j + 1) · p_(j))."""
+    order = sorted((p, i) for i, p in enumerate(pvalues) if not math.isnan(p))
+    out = [math.nan] * len(pvalues)
+    running = 0.0
+    for rank, (p, i) in enumerate(order):
+        running = max(running, min(1.0, (len(order) - rank) * p))
+        out[i] = running
+    return out
+
+
+@dataclass(frozen=True)
+class PairedSummary:
+    """Differences treated − control paired by seed: n, mean, sample std, 95 % t-interval, paired t-test p, the
+    minimum detectable effect at 80 % power (two-sided α = 0.05), exact sign test, per seed; `holm_p` is the
+    Holm-adjusted t-test p across the comparisons of one study (`with_holm`), NaN until set."""
+
+    n: int
+    mean: float
+    std: float
+    ci_low: float
+    ci_high: float
+    t_p: float
+    mde: float
+    n_pos: int
+    n_neg: int
+    sign_p: float
+    per_seed: dict[int, float]
+    holm_p: float = math.nan
+
+    def row(self) -> dict[str, float | int | str]:
+        """CSV columns (the differences unscaled)."""
+        return {
+            "seeds": self.n,
+            "mean": self.mean,
+            "std": self.std,
+            "ci_low": self.ci_low,
+            "ci_high": self.ci_high,
+            "mde80": self.mde,
+            "t_p": self.t_p,
+            "holm_p": self.holm_p,
+            "n_pos": self.n_pos,
+            "n_neg": self.n_neg,
+            "sign_p": self.sign_p,
+            "per_seed": json.dumps({s: round(d, 6) for s, d in self.per_seed.items()}),
+        }
+
+    def cells(self, scale: float = 100.0, digits: int = 2) -> list[str]:
+        """Markdown cells: mean ± std, 95 % t-interval, MDE (80 %), t-test p, Holm p, sign test, per seed."""
+        if self.n == 0:
+            return ["–"] * 7
+        interval = (
+            "n = 1: no interval"
+            if self.n < 2
+            else f"[{self.ci_low * scale:+.{digits}f}, {self.ci_high * scale:+.{digits}f}]"
+        )
+        return [
+            fmt(self.mean, self.std, scale, digits, self.n),
+            interval,
+            "–" if math.isnan(self.mde) else f"{self.mde * scale:.{digits}f}",
+            _p(self.t_p),
+            _p(self.holm_p),
+            f"{self.n_pos}+ / {self.n_neg}− (p = {self.sign_p:.3g})",
+            ", ".join(f"s{s}: {d * scale:+.{digits}f}" for s, d in self.per_seed.items()),
+        ]
+
+
+SUMMARY_HEADER = ["mean ± std", "95 % t-interval", "MDE (80 %)", "t-test p", "Holm p", "sign test", "per seed"]
+
+
+def _p(p: float) -> str:
+    return "–" if math.isnan(p) else f"{p:.3g}"
+
+
+def paired_summary(treated: Mapping[int, float], control: Mapping[int, float]) -> PairedSummary:
+    """The one summary of paired differences (A/B, classification, sensing): treated − control for every seed in
+    both, with the statistics of `PairedSummary`."""
+    diffs = paired_differences(dict(treated), dict(control))
+    values = list(diffs.values())
+    mean, std = mean_std(values)
+    low, high = t_interval(values)
+    pos, neg, sign_p = sign_test(values)
+    return PairedSummary(
+        n=len(values),
+        mean=mean,
+        std=std,
+        ci_low=low,
+        ci_high=high,
+        t_p=t_test_p(values),
+        mde=min_detectable_effect(std, len(values)),
+        n_pos=pos,
+        n_neg=neg,
+        sign_p=sign_p,
+        per_seed=diffs,
+    )
+
+
+def with_holm(summaries: Sequence[PairedSummary]) -> list[PairedSummary]:
+    """The summaries of one study's family of comparisons, each with its Holm-adjusted t-test p."""
+    return [replace(s, holm_p=p) for s, p in zip(summaries, holm([s.t_p for s in summaries]), strict=True)]

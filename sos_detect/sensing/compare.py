@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from sos_detect.reproduce.stats import markdown_table, mean_std, t_interval, write_csv
+from sos_detect.reproduce.stats import markdown_table, mean_std, paired_summary, write_csv
 from sos_detect.runtime import one_thread
 from sos_detect.sensing.diagnostics import diagnose
 from sos_detect.sensing.problem import SensingConfig, SensingProblem
@@ -177,10 +177,9 @@ def _paired(runs: dict[int, dict], baseline: dict[int, dict]) -> dict[str, float
     """Per metric in PAIRED: mean of run − baseline over shared seeds, its 95 % t-interval, seeds where lower."""
     out: dict[str, float] = {}
     for k in PAIRED:
-        diffs = [runs[s][k] - baseline[s][k] for s in sorted(runs) if s in baseline]
-        out[f"d_{k}_mean"] = mean_std(diffs)[0]
-        out[f"d_{k}_lo"], out[f"d_{k}_hi"] = t_interval(diffs)
-        out[f"d_{k}_lower"] = sum(d < 0 for d in diffs)
+        summary = paired_summary({s: r[k] for s, r in runs.items()}, {s: r[k] for s, r in baseline.items()})
+        out[f"d_{k}_mean"], out[f"d_{k}_lo"], out[f"d_{k}_hi"] = summary.mean, summary.ci_low, summary.ci_high
+        out[f"d_{k}_lower"] = summary.n_neg
     return out
 
 
