@@ -307,8 +307,9 @@ def test_presets_fit_the_default_fashion_det_build(name):
 def test_arm_values_read_as_yolo_reads_them():
     """`--arm` / `--opt` values: numbers, booleans and None as Ultralytics' key=value parser reads them, so the
     study's paper arm (no rollback: sos_max_change=None) can be written on the command line and passes the checks."""
-    name, options = parse_arm("paper-b32:sos_mode=paper,sos_rows=32,sos_max_change=None")
-    assert (name, options) == ("paper-b32", {"sos_mode": "paper", "sos_rows": 32, "sos_max_change": None})
+    name, options = parse_arm("paper-b32:sos_mode=paper,sos_rows=32,sos_max_change=None,sos_order=start")
+    expected = {"sos_mode": "paper", "sos_rows": 32, "sos_max_change": None, "sos_order": "start"}
+    assert (name, options) == ("paper-b32", expected)
     assert options == PRESETS["synth-scratch"].arms["paper-b32"]
     assert parse_options(["sos_tau=1e-3", "sos=False", "imgsz=160"]) == {"sos_tau": 1e-3, "sos": False, "imgsz": 160}
     check_arms(ABConfig(data="x.yaml", train={}, arms={"base": {"sos": False}, name: options}))

@@ -26,7 +26,7 @@ def test_mean_std_and_paired_differences():
 def test_paper_preset_arms_and_published_figures():
     cfg = PRESETS["paper"]
     assert list(cfg.arms) == ["base", "guarded-1e-4", "paper-b32"] and cfg.arms["base"] == {"sos": False}
-    assert cfg.arms["paper-b32"] == {"sos_mode": "paper", "sos_rows": 32, "sos_max_change": None}
+    assert cfg.arms["paper-b32"] == {"sos_mode": "paper", "sos_rows": 32, "sos_max_change": None, "sos_order": "start"}
     assert published() == {"yolov5s": {"base": 83.4, "paper-b32": 83.7}, "yolov5x": {"base": 87.1, "paper-b32": 87.4}}
     results = [
         {"model": "yolov5s", "seed": s, "arm": arm, "map50": v, "map5095": v / 2, "voc07": math.nan}
