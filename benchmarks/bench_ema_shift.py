@@ -4,7 +4,7 @@ At every shift of a real run (the main job's settings: YOLOv5n, embedded data, 3
 before the trainer shifts, the EMA is copied and shifted on
   (A_k) its own eval pass over k letterboxed training images (sos_capture=eval), k = 8 and all 37;
 and the trainer then shifts it on
-  (B)   the model's Grams of the epoch's last training passes (sos_capture=train, the default),
+  (B)   the model's Grams of the epoch's last training passes (sos_ema=grams; the default is sos_ema=own, i.e. A8),
 all with τ = 1e-4. Each variant's output change is measured on the 9 validation images (head inputs do not depend on
 the head weights, so one Gram per layer serves every variant), with its norm ratio and the seconds it took.
 With a second argument, the trainer captures that many training images per shift (sos_images; default 64, i.e.
@@ -101,6 +101,7 @@ def main() -> None:
             project=tmp,
             name="ema",
             sos_start=1,
+            sos_ema="grams",  # (B): the trainer's own shift of the EMA
             **({"sos_images": images} if images else {}),
         )
     keys = [k for k in ROWS[0] if k != "epoch"]

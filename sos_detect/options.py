@@ -187,7 +187,8 @@ SOS_OPTIONS: tuple[Option, ...] = (
         "end",
         "end = shift after an epoch's training, before its validation and checkpoint; start = the paper's Algorithm 1: "
         "shift at the start of the next epoch (on the Grams captured at the end of the last), then train it, so every "
-        "validation follows a full epoch of training after a shift",
+        "validation follows a full epoch of training after a shift (the EMA's held-out change is then not logged: "
+        "its validation measures training too)",
         "schedule",
         choices=("end", "start"),
     ),

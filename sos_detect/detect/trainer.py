@@ -122,6 +122,11 @@ class SOSTrainerMixin:
         super().resume_training(ckpt)
         if self.resume and RANK in {-1, 0}:
             keep_epochs(self.csv, self.save_dir / SOS_LOG, self.start_epoch)
+        if self.resume and self.args.sos and self.args.sos_order == "start" and self._shift_due(self.start_epoch - 1):
+            LOGGER.warning(
+                f"SOS: the shift before epoch {self.start_epoch + 1} is skipped (its Grams were captured "
+                "before the interruption); the schedule goes on from the next one"
+            )
 
     def save_model(self):
         """Ultralytics' checkpoints, with train_args free of sos_* keys (plain Ultralytics rejects unknown keys when
