@@ -239,7 +239,7 @@ def _resume(a: argparse.Namespace, resume: Any, device: str) -> int:
         flag = spell(flag, last)
     else:
         last, flag = str(resume), spell(flag, resume)
-    ckpt = load_detector(last, flag)
+    ckpt = load_detector(last, flag, resume=True)
     if ckpt.get("epoch", -1) < 0 or ckpt.get("optimizer") is None:
         raise OptionError(f"{flag}: a finished run (no optimizer state); fine-tune from it with --weights instead")
     model = YOLO(last)
