@@ -30,7 +30,12 @@ from sos_detect.cli.options import (
     torch_device,
     typed,
 )
-from sos_detect.cli.paths import check_output_file, check_writable_dir, run_folder_removed_on_failure
+from sos_detect.cli.paths import (
+    check_figure_file,
+    check_output_file,
+    check_writable_dir,
+    run_folder_removed_on_failure,
+)
 from sos_detect.options import (
     SOS_OPTIONS,
     Option,
@@ -80,6 +85,7 @@ def _compare_parser(sub: argparse._SubParsersAction) -> None:
 def cmd_compare(a: argparse.Namespace) -> int:
     from sos_detect.detect.compare import compare_runs, run_labels
 
+    check_figure_file(a.out, typed(a, "out"))
     labels = a.labels.split(",") if a.labels else run_labels(a.runs)
     if len(labels) != len(a.runs):
         raise ValueError(f"--labels: {len(labels)} labels for {len(a.runs)} runs")
@@ -408,6 +414,16 @@ def _check_rows(a: argparse.Namespace, ckpt: dict[str, Any]) -> None:
     )
 
 
+def _check_image_count(a: argparse.Namespace, key: str, data: dict[str, Any]) -> None:
+    """A post-hoc command samples option `key` training images: more than the split holds is refused when asked for
+    (a default above it takes them all)."""
+    from sos_detect.detect.data import image_files
+
+    count = len(image_files(data["train"]))
+    if key in a.cli_names and getattr(a, key) > count:
+        raise OptionError(f"{typed(a, key)}: the training split has only {count} images ({data['train']})")
+
+
 def cmd_shift(a: argparse.Namespace) -> int:
     from sos_detect.detect.checkpoint import shift_checkpoint
 
@@ -415,6 +431,7 @@ def cmd_shift(a: argparse.Namespace) -> int:
     check_output_file(a.out, typed(a, "out"), {typed(a, "weights"): a.weights})
     ckpt, data_yaml, data = _open_checkpoint(a)
     _check_rows(a, ckpt)
+    _check_image_count(a, "sos_images", data)
     before = _validate(a.weights, data_yaml, a, device)
     shift = {k.removeprefix("sos_"): getattr(a, k) for k in ("sos_mode", "sos_tau", "sos_rows", "sos_images")}
     reports, written = shift_checkpoint(
@@ -452,6 +469,7 @@ def cmd_hessian(a: argparse.Namespace) -> int:
         check_writable_dir(a.out, typed(a, "out"))
     ckpt, _, data = _open_checkpoint(a)
     _check_rows(a, ckpt)
+    _check_image_count(a, "images", data)
     model = working_copy(ckpt.get("ema") or ckpt["model"], device, imgsz=a.imgsz, batch=a.batch)
     batches = capture_set_for(model, data).sample(a.images, a.seed)
     kw = dict(which=a.params, k=a.k, probes=a.probes, seed=a.seed)
