@@ -171,3 +171,173 @@ def test_an_ultralytics_dataset_name_offline_says_what_is_missing(tmp_path):
     assert f"images not found: train: images/train is {DATASETS_DIR}/coco8/images/train, which does not exist" in line
     assert line.endswith("Ultralytics would download it, but downloads are off (YOLO_OFFLINE=1, see the README)")
     assert snapshot(tmp_path) == {}
+
+
+# -- round 2 (issue #25): one test per cause ------------------------------------------------------------------------
+
+
+def _main(capsys, *args):
+    """`sos-detect ARGS` in this process: (exit code, the single stderr line)."""
+    from sos_detect.cli import main
+
+    code = main([str(a) for a in args])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    return code, lines[0]
+
+
+def _refused(capsys, *args):
+    code, line = _main(capsys, *args)
+    assert code == 2, line
+    return line
+
+
+def _trees(root, name="trees"):
+    """A copy of the embedded tree dataset and its data YAML (path: the copy)."""
+    folder = root / name
+    shutil.copytree(TREES, folder, ignore=shutil.ignore_patterns("*.cache"))
+    return folder, _yaml(root / f"{name}.yaml", folder)
+
+
+def test_1_builders_never_write_into_an_existing_dataset(tmp_path, capsys, monkeypatch):
+    """`data fashion-det/voc/deepforest --out D` with D holding a dataset: refused, D untouched; --force builds
+    aside and swaps the complete build in, keeping the files the build does not make."""
+    from test_synthetic import digits_idx
+
+    from sos_detect.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    idx = digits_idx(tmp_path / "idx", per_split=20)
+    dataset, _ = _trees(tmp_path)
+    (dataset / "mine.txt").write_text("my notes")
+    before = snapshot(tmp_path)
+    tiny = ["--root", idx, "--train", 2, "--val", 1, "--imgsz", 64]
+    for args in (
+        ["data", "fashion-det", *tiny, "--out", dataset],
+        ["data", "voc", "--root", tmp_path / "VOCdevkit", "--out", dataset],
+        ["data", "deepforest", "--src", tmp_path / "x.whl", "--out", dataset],
+    ):
+        line = _refused(capsys, *args)
+        assert f"error: --out {dataset}: not empty (" in line and "pass --force" in line, line
+        assert snapshot(tmp_path) == before
+    assert _refused(capsys, "data", "voc", "--root", tmp_path / "none", "--out", tmp_path / "new" / "voc")
+    assert snapshot(tmp_path) == before  # a failed build into a new folder leaves no folder behind
+    assert main(["data", "fashion-det", *map(str, tiny), "--out", str(dataset), "--force"]) == 0
+    assert (dataset / "mine.txt").read_text() == "my notes" and (dataset / "fashion-det.yaml").is_file()
+    assert sorted(p.name for p in (dataset / "images" / "train").iterdir()) == ["train_00000.jpg", "train_00001.jpg"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["idx", "trees", "trees.yaml"]  # no build folder left
+
+
+def test_2_untrusted_yaml_is_bounded_before_anything_reads_it(tmp_path):
+    """Exponential anchors (a billion names), a self-referencing list and a list as a class name: one line each,
+    in seconds (the anchors used to hang in Ultralytics' class-name check)."""
+    levels = ["a", "b", "c", "d", "e", "f", "g", "h", "i"]
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{b}: &{b} [{', '.join([f'*{a}'] * 9)}]\n" for a, b in zip(levels, levels[1:], strict=False)
+    )
+    files = {
+        "bomb.yaml": (
+            bomb + "train: images/train\nval: images/val\nnames: *i\n",
+            "over 100,000 values once its aliases",
+        ),
+        "self.yaml": ("train: images/train\nval: images/val\nnames: &n [*n]\n", "nested deeper than 64 levels"),
+        "list.yaml": ("train: images/train\nval: images/val\nnames: [[a, b]]\n", "names: class 0 is a list, not a"),
+    }
+    for file, (text, expected) in files.items():
+        (tmp_path / file).write_text(text)
+        res = run_cli("train", "--data", tmp_path / file, cwd=tmp_path, timeout=120)
+        assert error_line(res) == f"sos-detect train: error: {tmp_path / file}: " + error_line(res).split(": ", 3)[3]
+        assert expected in error_line(res)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(files)
+
+
+@pytest.mark.parametrize(
+    "line, expected",
+    [
+        ("nan 0.5 0.5 0.1 0.1", "non-finite value (NaN or inf) in 'nan 0.5 0.5 0.1 0.1'"),
+        ("inf 0.5 0.5 0.1 0.1", "non-finite value (NaN or inf) in 'inf 0.5 0.5 0.1 0.1'"),
+        ("0 0.5 nan 0.1 0.1", "non-finite value (NaN or inf) in '0 0.5 nan 0.1 0.1'"),
+        ("0 0.5 0.5 0 0.1", "zero-size box (width 0, height 0.1)"),
+    ],
+)
+def test_3_label_lines_are_checked_finite_first(tmp_path, capsys, monkeypatch, line, expected):
+    monkeypatch.chdir(tmp_path)
+    dataset, data = _trees(tmp_path)
+    label = sorted((dataset / "labels" / "train").iterdir())[0]
+    label.write_text(line + "\n")
+    before = snapshot(tmp_path)
+    assert _refused(capsys, "train", "--data", data) == f"sos-detect train: error: {label}:1: {expected}"
+    assert snapshot(tmp_path) == before
+
+
+def test_3_an_orphan_label_file_is_named(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    dataset, data = _trees(tmp_path)
+    orphan = dataset / "labels" / "val" / "no_such_image.txt"
+    orphan.write_text("0 0.5 0.5 0.1 0.1\n")
+    line = _refused(capsys, "val", "--weights", CKPT, "--data", data)
+    assert (
+        line == f"sos-detect val: error: {orphan}: label file without an image (1 in 'val'); Ultralytics would "
+        "ignore it: add its image or remove it"
+    )
+
+
+def test_4_images_are_decoded_not_only_their_headers(tmp_path, capsys, monkeypatch):
+    """A JPEG cut in half: named in detection data (Ultralytics would drop it, or rewrite it in place) and in an
+    ImageFolder for classify (torch's loader failed mid-epoch naming no file)."""
+    monkeypatch.chdir(tmp_path)
+    dataset, data = _trees(tmp_path)
+    cut = sorted((dataset / "images" / "train").iterdir())[3]
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    before = snapshot(tmp_path)
+    line = _refused(capsys, "train", "--data", data)
+    assert (
+        line == f"sos-detect train: error: {cut}: JPEG does not end with its end-of-image marker (cut short, or "
+        "bytes after it) (1 of 37 'train' images unreadable)"
+    )
+    folder = tmp_path / "folder"
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            (folder / split / cls).mkdir(parents=True)
+            for img in sorted((TREES / "images" / split).iterdir())[:2]:
+                shutil.copy(img, folder / split / cls / img.name)
+    bad = sorted((folder / "val" / "b").iterdir())[0]
+    bad.write_bytes(bad.read_bytes()[:3000])
+    before = snapshot(tmp_path)
+    line = _refused(capsys, "classify", "train", "--model", "smallcnn", "--data", "imagefolder", "--root", folder)
+    assert line.startswith(f"sos-detect classify train: error: {bad}: JPEG does not end with"), line
+    assert snapshot(tmp_path) == before
+
+
+def test_5_checkpoint_structure_is_compared(tmp_path, capsys, monkeypatch):
+    """A Detect head whose cls conv does not have nc outputs (val/shift ended in a RuntimeError traceback), and a
+    last.pt whose optimizer state is NaN (--resume trained on NaN losses)."""
+    monkeypatch.chdir(tmp_path)
+    ckpt = torch_load(CKPT, map_location="cpu")
+    ckpt["model"].model[-1].cv3[1][2] = torch.nn.Conv2d(64, 3, 1)
+    torch.save(ckpt, tmp_path / "head.pt")
+    ckpt = torch_load(CKPT, map_location="cpu")
+    params = list(ckpt["model"].parameters())
+    opt = torch.optim.SGD(params, lr=0.01, momentum=0.9)
+    ckpt["optimizer"] = opt.state_dict()
+    ckpt["optimizer"]["state"] = {
+        i: {"momentum_buffer": torch.full_like(p, float("nan"))} for i, p in enumerate(params)
+    }
+    ckpt["epoch"] = 0
+    (tmp_path / "run" / "weights").mkdir(parents=True)
+    torch.save(ckpt, tmp_path / "run" / "weights" / "last.pt")
+    before = snapshot(tmp_path)
+    head = tmp_path / "head.pt"
+    for command, out in (("val", []), ("shift", ["--out", tmp_path / "o.pt"])):
+        line = _refused(capsys, command, "--weights", head, *out)
+        assert (
+            line == f"sos-detect {command}: error: --weights {head}: model Detect head: cls.1 conv has 3 outputs, "
+            "but the head has nc = 1 classes"
+        )
+    last = tmp_path / "run" / "weights" / "last.pt"
+    line = _refused(capsys, "train", "--resume", last)
+    assert line.startswith(f"sos-detect train: error: --resume {last}")
+    assert line.endswith(
+        ": non-finite optimizer state (NaN or inf): momentum_buffer of parameter 0; it cannot be resumed"
+    )
+    assert snapshot(tmp_path) == before

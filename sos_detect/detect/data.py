@@ -59,7 +59,7 @@ def _image_problem(f: Path) -> str | None:
                 with open(f, "rb") as raw:
                     raw.seek(-2, 2)
                     if raw.read() != b"\xff\xd9":
-                        return "JPEG cut short (no end-of-image marker at its end)"
+                        return "JPEG does not end with its end-of-image marker (cut short, or bytes after it)"
                 im.draft("RGB", (max(1, w // 8), max(1, h // 8)))
             im.load()
     except FileNotFoundError:
