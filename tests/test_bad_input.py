@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -341,3 +342,190 @@ def test_5_checkpoint_structure_is_compared(tmp_path, capsys, monkeypatch):
         ": non-finite optimizer state (NaN or inf): momentum_buffer of parameter 0; it cannot be resumed"
     )
     assert snapshot(tmp_path) == before
+
+
+def test_6_unchecked_inputs_are_one_line(tmp_path, capsys, monkeypatch):
+    """--imgsz far too large (cv2 asked for 28 GB), compare on runs that logged no epoch (ZeroDivisionError), and
+    table5's paper preset without the converted VOC (an Ultralytics traceback and a half-made OUT/runs)."""
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.csv").write_text("epoch,metrics/mAP50(B)\n")
+    before = snapshot(tmp_path)
+    assert _refused(capsys, "train", "--imgsz", 100000).endswith("--imgsz 100000: must be an integer in [32, 4096]")
+    assert _refused(capsys, "val", "--weights", CKPT, "imgsz=100000").endswith(": must be an integer in [32, 4096]")
+    line = _refused(capsys, "compare", run)
+    assert (
+        line == f"sos-detect compare: error: {run / 'results.csv'}: no epoch logged (the run stopped before its "
+        "first epoch ended)"
+    )
+    line = _refused(capsys, "reproduce", "table5", "--preset", "paper", "--out", tmp_path / "t5")
+    assert "images not found: train: ../datasets/voc/images/train" in line and "run `sos-detect data voc" in line
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["train", "--epochs", "0", "epochs=1"], "epochs=1: --epochs 0 was given too; give each option once"),
+        (["train", "--epochs", "2", "--epochs", "3"], "--epochs 3: --epochs 2 was given too; give each option once"),
+        (["train", "lr0=0.1", "--opt", "lr0=0.2"], "--opt lr0=0.2: lr0=0.1 was given too; give each option once"),
+        (["train", "--cfg", "yolov5n.yaml", "model=yolov8n.yaml"], "model=yolov8n.yaml: --cfg yolov5n.yaml was given"),
+        (["train", "--sos", "--no-sos"], "--no-sos: --sos was given too; give each option once"),
+        (["train", "--no-sos", "--sos-tau", "1e-3"], "--sos-tau 1e-3: has no effect with --no-sos (no shift is made)"),
+        (["train", "sos=False", "sos_every=2"], "sos_every=2: has no effect with sos=False (no shift is made)"),
+        (["train", "--sos-rows", "8"], "--sos-rows 8: only --sos-mode paper uses it (here: guarded)"),
+        (["train", "--sos-mode", "paper", "--sos-rows", "8", "--sos-tau", "0.1"], "--sos-tau 0.1: only --sos-mode "),
+        (["hessian", "--weights", CKPT, "--sos-tau", "0.1"], "--sos-tau 0.1: has no effect without --before-after"),
+        (["classify", "train", "--sos-batch", "100"], "--sos-batch 100: has no effect without --sos (SOS is off by"),
+        (["train", "--name", "../x"], "--name ../x: must be a folder name inside --project (runs/sos), without '..'"),
+        (["train", "--name", "/tmp/x"], "--name /tmp/x: must be a folder name inside --project (runs/sos)"),
+        (["classify", "train", "--name", "a/../.."], "--name a/../..: must be a folder name inside the project"),
+    ],
+)
+def test_7_conflicting_or_ignored_options_are_refused(tmp_path, capsys, monkeypatch, args, expected):
+    monkeypatch.chdir(tmp_path)
+    line = _refused(capsys, *args)
+    assert line.split(": error: ", 1)[1].startswith(expected), line
+    assert snapshot(tmp_path) == {}
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (
+            ["--arm", "base:sos=False", "--arm", "base:sos_tau=1e-3"],
+            "--arm base:sos_tau=1e-3: arm 'base' is given twice",
+        ),
+        (
+            ["--arm", "b:sos=False", "--arm", "g:sos_tau=1e-3,sos_tau=1e-2"],
+            "--arm g:sos_tau=1e-3,sos_tau=1e-2: sos_tau ",
+        ),
+        (["--arm", "../b:sos=False"], "--arm ../b:sos=False: the arm name '../b' may hold only letters"),
+        (["--arm", "b:sos=False", "--seeds", "1,1"], "--seeds 1,1: 1 given twice"),
+        (["--arm", "b:sos=False", "--seeds="], "--seeds '': must be comma-separated integers"),
+        (["--arm", "b:sos=False", "--epochs", "0"], "--epochs 0: must be an integer >= 1"),
+        (["--arm", "b:sos=False", "--arm", "g:lr00=3"], "arm 'g': lr00=3: not a training option an arm can set"),
+        (["--arm", "b:sos=False", "--arm", "g:lr0=abc"], "arm 'g': 'lr0=abc' is of invalid type str"),
+        (["--arm", "b:sos=False", "--opt", "epochs=x"], "--opt: 'epochs=x' is of invalid type str"),
+    ],
+)
+def test_8_reproduce_ab_arguments_are_checked_before_any_arm_trains(tmp_path, capsys, monkeypatch, args, expected):
+    from sos_detect.detect.embedded import EMBEDDED_YAML
+
+    monkeypatch.chdir(tmp_path)
+    line = _refused(capsys, "reproduce", "ab", "--data", EMBEDDED_YAML, "--out", tmp_path / "ab", *args)
+    assert line.split(": error: ", 1)[1].startswith(expected), line
+    assert snapshot(tmp_path) == {}
+
+
+def test_8_a_preset_arm_is_not_replaced(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    line = _refused(capsys, "reproduce", "ab", "--preset", "synth-scratch", "--arm", "base:sos_tau=1e-3")
+    assert line.endswith(
+        "--arm base:sos_tau=1e-3: arm 'base' is already an arm of the preset; give each arm its own name"
+    )
+    assert snapshot(tmp_path) == {}
+
+
+def _image_folder(root, classes=("a", "b")):
+    for split in ("train", "val"):
+        for cls in classes:
+            (root / split / cls).mkdir(parents=True)
+            for img in sorted((TREES / "images" / split).iterdir())[:2]:
+                shutil.copy(img, root / split / cls / img.name)
+    return root
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--lr", "nan"], "--lr nan: must be a finite number > 0"),
+        (["--lr", "0"], "--lr 0.0: must be a finite number > 0"),
+        (["--mixup", "-1"], "--mixup -1.0: must be a finite number >= 0"),
+        (["--workers", "-1"], "--workers -1: must be an integer >= 0"),
+        (["--train-subset", "100000"], "--train-subset 100000: must be an integer in [1, 1347]"),  # 3/4 of 1,797
+        (["--imgsz", "100000"], "--imgsz 100000: must be an integer in [1, 4096]"),
+    ],
+)
+def test_9_classify_train_options_are_checked_before_the_run_folder(tmp_path, capsys, monkeypatch, args, expected):
+    monkeypatch.chdir(tmp_path)
+    line = _refused(capsys, "classify", "train", "--model", "smallcnn", "--data", "digits", "--epochs", 1, *args)
+    assert line.split(": error: ", 1)[1].startswith(expected), line
+    assert snapshot(tmp_path) == {}
+
+
+def test_9_a_one_class_image_folder_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    folder = _image_folder(tmp_path / "one", classes=("a",))
+    before = snapshot(tmp_path)
+    line = _refused(capsys, "classify", "train", "--model", "smallcnn", "--data", "imagefolder", "--root", folder)
+    assert line.endswith(f"{folder / 'train'}: 1 class folder (a); classification needs at least 2")
+    assert snapshot(tmp_path) == before
+
+
+def test_10_sizes_asked_for_are_not_capped(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    line = _refused(capsys, "hessian", "--weights", CKPT, "--images", 100000)
+    assert line.endswith(f"--images 100000: the training split has only 37 images ({TREES / 'images' / 'train'})")
+    assert _refused(capsys, "data", "fashion-det", "--train", 0).endswith("--train 0: must be an integer >= 1")
+    assert snapshot(tmp_path) == {}
+
+
+def _start_and_kill(cwd):
+    """A real `train` process, SIGKILLed once Ultralytics has made its run folder (before its first checkpoint)."""
+    cmd = [sys.executable, "-m", "sos_detect.cli", "train", "--epochs", "3", "--imgsz", "64", "--device", "cpu"]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "Starting training for" in line:
+            proc.kill()
+            break
+    proc.communicate(timeout=60)
+    assert any("Starting training for" in line for line in seen), "".join(seen)[-2000:]
+    return proc.pid
+
+
+def test_11_a_run_killed_before_its_first_checkpoint_is_not_a_run(tmp_path):
+    """SIGKILL leaves args.yaml and an empty weights/ (Ultralytics makes them); the next run recognises the folder
+    by its marker (a process of this host that is gone), removes it and takes the name again instead of train2."""
+    from sos_detect.cli.paths import RUN_MARKER
+
+    first = _start_and_kill(tmp_path)
+    run = tmp_path / "runs" / "sos" / "train"
+    assert {RUN_MARKER, "args.yaml", "weights"} <= {p.name for p in run.iterdir()}
+    assert not any((run / "weights").iterdir()) and (run / RUN_MARKER).read_text().endswith(f" {first}")
+    second = _start_and_kill(tmp_path)
+    assert sorted(p.name for p in run.parent.iterdir()) == ["train"]  # no train2
+    assert (run / RUN_MARKER).read_text().endswith(f" {second}")
+
+
+def test_12_messages_keep_every_line_and_check_outputs_first(tmp_path, capsys, monkeypatch):
+    """A path with a newline is shown whole on one line; compare --out x.csv is refused before any run is read."""
+    monkeypatch.chdir(tmp_path)
+    odd = tmp_path / "two\nlines.yaml"
+    line = _refused(capsys, "train", "--data", odd)
+    assert line == f"sos-detect train: error: --data {tmp_path}/two\\nlines.yaml: data YAML not found"
+    line = _refused(capsys, "compare", tmp_path / "no-run", "--out", "x.csv")
+    assert line.startswith("sos-detect compare: error: --out x.csv: .csv is not a figure format; use one of")
+    assert snapshot(tmp_path) == {}
+
+
+def test_an_internal_error_is_one_line_with_the_traceback_in_a_file(tmp_path, capsys, monkeypatch):
+    """A bug (here a ZeroDivisionError raised inside compare) is one line saying so, naming the file holding the
+    traceback; exit code 1, not 2 (the input was not at fault)."""
+    import sos_detect.detect.compare
+
+    def bug(*_, **__):
+        return 1 / 0
+
+    monkeypatch.setattr(sos_detect.detect.compare, "compare_runs", bug)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    code, line = _main(capsys, "compare", tmp_path / "run")
+    prefix = "sos-detect compare: internal error (a bug in sos-detect, please report it): ZeroDivisionError: "
+    assert code == 1 and line.startswith(prefix + "division by zero; traceback in "), line
+    report = line.rsplit("traceback in ", 1)[1]
+    assert report.startswith(str(tmp_path)) and "1 / 0" in Path(report).read_text()

@@ -64,18 +64,17 @@ def _alive(pid: int) -> bool:
 
 
 def killed_before_checkpoint(folder: Path) -> bool:
-    """`folder` is what a run killed before its first checkpoint leaves: args.yaml, an empty weights/ and the
-    marker of a process of this host that is gone. Folders without the marker are never judged."""
-    marker = folder / RUN_MARKER
+    """`folder` is what a run killed before its first checkpoint leaves (args.yaml, an empty weights/, label
+    plots): it holds the marker of a process of this host that is gone, no checkpoint and no results.csv. Folders
+    without the marker are never judged."""
     try:
-        host, _, pid = marker.read_text().partition(" ")
-        entries = {p.name for p in folder.iterdir()}
-        weights_empty = not (folder / "weights").is_dir() or not any((folder / "weights").iterdir())
+        host, _, pid = (folder / RUN_MARKER).read_text().partition(" ")
+        started = (folder / "results.csv").exists() or any(folder.rglob("*.pt"))
     except (OSError, UnicodeDecodeError):
         return False
     if host != socket.gethostname() or not pid.strip().isdigit():
         return False
-    return entries <= {RUN_MARKER, "args.yaml", "weights"} and weights_empty and not _alive(int(pid))
+    return not started and not _alive(int(pid))
 
 
 def clear_killed_starts(project: str | Path, name: str) -> list[Path]:
@@ -98,7 +97,7 @@ def run_folder_removed_on_failure(model: Any, project: str | Path, name: str, ex
     before it (SIGKILL, power loss) is recognised by the next run by its marker and removed, so that a retry gets
     the same name."""
     for folder in clear_killed_starts(project, name):
-        print(f"removed {folder}: a run killed before its first checkpoint (args.yaml and an empty weights/ only)")
+        print(f"removed {folder}: left by a run killed before its first checkpoint")
     made: dict[str, Path] = {}
     reused = exist_ok and (Path(project) / name).exists()
 
