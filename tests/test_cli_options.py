@@ -81,7 +81,7 @@ def test_key_value_arguments_are_read_as_ultralytics_reads_them():
         (["train", "lr0=abc"], "sos-detect train: error: 'lr0=abc' is of invalid type str."),
         (["train", "sos=maybe"], "sos-detect train: error: sos=maybe: must be True or False"),
         (["shift", "--weights", CKPT, "--out", "o.pt", "--sos-tau", "1"], "error: --sos-tau 1: must be a number in"),
-        (["shift", "--weights", CKPT, "--out", "o.pt", "--imgsz", "0"], "error: --imgsz 0: must be an integer in [32, 4096]"),
+        (["shift", "--weights", CKPT, "--out", "o.pt", "--imgsz", "0"], "error: --imgsz 0: must be an integer in [32,"),
         (["shift", "--weights", CKPT, "--out", "o.pt", "--sos-images", "0"], "error: --sos-images 0: must be an int"),
         (["hessian", "--weights", CKPT, "--images", "0"], "sos-detect hessian: error: --images 0: must be an integer"),
         (["val", "model=x.pt", "--batch", "0"], "sos-detect val: error: --batch 0: must be an integer >= 1"),
