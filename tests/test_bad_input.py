@@ -529,3 +529,11 @@ def test_an_internal_error_is_one_line_with_the_traceback_in_a_file(tmp_path, ca
     assert code == 1 and line.startswith(prefix + "division by zero; traceback in "), line
     report = line.rsplit("traceback in ", 1)[1]
     assert report.startswith(str(tmp_path)) and "1 / 0" in Path(report).read_text()
+
+
+def test_9_a_diverged_classifier_is_not_saved_as_a_finished_run(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["classify", "train", "--model", "smallcnn", "--data", "digits", "--epochs", 1, "--lr", 1e30]
+    line = _refused(capsys, *args, "--device", "cpu")
+    assert line == "sos-detect classify train: error: --lr 1e+30: training diverged in epoch 1 (loss nan); lower it"
+    assert not (tmp_path / "runs" / "classify" / "train").exists()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -351,6 +352,7 @@ def train(cfg: TrainConfig, data: ClassificationData | None = None) -> dict[str,
     opt = _optimizer(model, cfg)
     base = getattr(opt, "base_optimizer", opt)
     loader = _loader(data.train, cfg.batch_size, True, cfg.seed, cfg.workers)
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)  # only now: every check above fails without leaving a folder
     rows: list[dict[str, float]] = []
     if state is not None:
@@ -403,6 +405,13 @@ def train(cfg: TrainConfig, data: ClassificationData | None = None) -> dict[str,
             seen += len(y)
             pbar.set_description(
                 f"{f'{epoch + 1}/{cfg.epochs}':>10}{loss_sum / seen:>10.4g}{correct / seen:>10.4g}{cfg.imgsz:>10}"
+            )
+        if not math.isfinite(loss_sum / seen):  # a diverged model is never saved as a finished run
+            if created and not rows:
+                shutil.rmtree(folder, ignore_errors=True)
+            kept = f"; {folder / CHECKPOINT} holds epoch {len(rows)}" if rows else ""
+            raise ValueError(
+                f"--lr {cfg.lr}: training diverged in epoch {epoch + 1} (loss {loss_sum / seen}); lower it{kept}"
             )
         report = None
         if cfg.sos and epoch >= cfg.sos_start and (epoch - cfg.sos_start) % cfg.sos_every == 0:

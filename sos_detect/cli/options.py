@@ -260,7 +260,9 @@ def _check_ignored(args: argparse.Namespace) -> None:
     }.get(sos)
     if off:
         raise OptionError(f"{typed(args, given[0])}: has no effect {off} (no shift is made)")
-    mode = getattr(args, "sos_mode", None) or args.cli_sos_mode
+    if not hasattr(args, "sos_mode"):  # a command without modes (reproduce classify's --sos-batch sweep)
+        return
+    mode = args.sos_mode or args.cli_sos_mode
     for key in given:
         if MODE_ONLY.get(key, mode) != mode:
             raise OptionError(f"{typed(args, key)}: only --sos-mode {MODE_ONLY[key]} uses it (here: {mode})")

@@ -129,6 +129,7 @@ def fresh_build(out: str | Path, typed: str, force: bool) -> Iterator[Path]:
     build does not make (a NOTICE, the user's own files) are moved into the new one, and the old build is deleted
     last. A failed or interrupted build removes its temporary folder and leaves `out` as it was."""
     out = Path(out).absolute()
+    out = out.resolve() if out.is_symlink() else out  # a linked --out: the build replaces the folder it points to
     if out.exists() and not out.is_dir():
         raise OptionError(f"{typed}: {out} is a file, not a folder")
     check_writable_dir(out.parent, typed)
