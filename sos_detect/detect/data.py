@@ -107,10 +107,11 @@ def _check_label_file(label: Path, nc: int) -> int:
     return checked
 
 
-def _orphan_labels(folder: Path, labels: list[Path]) -> list[Path]:
-    """Label files under the label folders of an image folder's images that belong to no image."""
+def _orphan_labels(images: list[Path], labels: list[Path]) -> list[Path]:
+    """Files *.txt in the label folders of the images (labels/… beside images/…; a folder holding images too may
+    hold other text files, such as classes.txt) that belong to no image."""
     expected = set(labels)
-    dirs = {p.parent for p in labels}
+    dirs = {p.parent for p in labels} - {p.parent for p in images}
     return sorted(f for d in dirs if d.is_dir() for f in d.glob("*.txt") if f not in expected)
 
 
@@ -134,7 +135,7 @@ def check_labels(data: dict[str, Any], splits: tuple[str, ...] = ("train", "val"
                 checked += _check_label_file(label, nc)
         entries = data[split] if isinstance(data[split], list) else [data[split]]
         if all(Path(e).is_dir() for e in entries):  # a .txt list may name a subset: other labels are no orphans
-            orphans = _orphan_labels(Path(entries[0]), labels)
+            orphans = _orphan_labels(images, labels)
             if orphans:
                 raise DataError(
                     f"{orphans[0]}: label file without an image ({len(orphans)} in '{split}'); "
