@@ -213,7 +213,10 @@ def reproduce_classify(
 ) -> tuple[Path, Path]:
     """Train every scheme × seed (× SOS batch b for the SOS schemes, with sos_batches); finished runs are read back,
     interrupted ones resumed. Writes classify.md and classify.csv, the paper's matching figures beside."""
-    base = replace(PRESETS[preset], **(overrides or {}))
+    overrides = dict(overrides or {})
+    if "data" in overrides:  # the preset's subsets were chosen for its own dataset
+        overrides = {"train_subset": None, "test_subset": None, **overrides}
+    base = replace(PRESETS[preset], **overrides)
     base.check()
     for b in sos_batches or ():
         replace(base, sos_batch=b).check()
