@@ -136,7 +136,11 @@ def _classify_parser(rsub: argparse._SubParsersAction) -> None:
     rc.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     rc.add_argument("--schemes", default=None, help="comma-separated subset of sgd,sgd+sos,sam,sam+sos,nso,nso+sos")
     rc.add_argument("--model", default=None, help="override the preset's model (e.g. vgg16_bn, densenet201)")
-    rc.add_argument("--data", default=None, help="override the preset's dataset (cifar10, cifar100, ..., digits; all of it unless --train-subset)")
+    rc.add_argument(
+        "--data",
+        default=None,
+        help="override the preset's dataset (cifar10, cifar100, ..., digits; all of it unless --train-subset)",
+    )
     rc.add_argument("--root", default=None, help="dataset root")
     add_options(rc, (OVERRIDES["epochs"], OVERRIDES["batch"], CLASSIFY_IMGSZ))
     rc.add_argument(
