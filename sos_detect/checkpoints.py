@@ -153,12 +153,50 @@ def check_finite(ckpt: Checkpoint) -> None:
             raise ckpt.error(f"non-finite weights (NaN or inf) in {where + ' ' if where else ''}tensor {bad}")
 
 
-def load_detector(path: str | Path, flag: str = "--weights") -> dict[str, Any]:
-    """An Ultralytics detector checkpoint dict with finite weights; anything else is refused in one line."""
+def check_head_shapes(ckpt: Checkpoint) -> None:
+    """Every stored network's Detect head fits its class count: each cls output conv has nc outputs and each box
+    conv 4·reg_max (a mismatch fails deep inside val/shift with a shape error)."""
+    from sos_detect.detect.heads import detect_head, detect_head_layers
+
+    for where, net in ckpt.networks().items():
+        head = detect_head(net)
+        nc, reg_max = int(getattr(head, "nc", 0)), int(getattr(head, "reg_max", 16))
+        try:
+            layers = detect_head_layers(net)
+        except TypeError as err:
+            raise ckpt.error(f"{where} Detect head: {err}") from None
+        names = getattr(net, "names", None)
+        if names is not None and len(names) != nc:
+            raise ckpt.error(f"{where} Detect head predicts {nc} classes but the network names {len(names)}")
+        for key, conv in layers.items():
+            want = nc if "cls" in key else 4 * reg_max
+            if conv.out_channels != want:
+                kind = f"nc = {nc} classes" if "cls" in key else f"4 × reg_max = {want} box outputs"
+                raise ckpt.error(
+                    f"{where} Detect head: {key} conv has {conv.out_channels} outputs, but the head has {kind}"
+                )
+
+
+def check_optimizer_state(ckpt: Checkpoint) -> None:
+    """The stored optimizer state (momentum buffers, Adam moments) is finite: resuming from NaN state gives NaN
+    losses from the first step."""
+    state = (ckpt.content.get("optimizer") or {}).get("state") or {}
+    for index, entry in state.items():
+        bad = first_non_finite((f"{k} of parameter {index}", v) for k, v in entry.items() if torch.is_tensor(v))
+        if bad is not None:
+            raise ckpt.error(f"non-finite optimizer state (NaN or inf): {bad}; it cannot be resumed")
+
+
+def load_detector(path: str | Path, flag: str = "--weights", *, resume: bool = False) -> dict[str, Any]:
+    """An Ultralytics detector checkpoint dict with finite weights and a head that fits its class count (with
+    `resume`, a finite optimizer state too); anything else is refused in one line."""
     ckpt = read_checkpoint(path, flag)
     if ckpt.kind != DETECTOR:
         raise ckpt.error(f"{ckpt.what}; a YOLO detection checkpoint (Ultralytics' last.pt/best.pt) is needed")
     check_finite(ckpt)
+    check_head_shapes(ckpt)
+    if resume:
+        check_optimizer_state(ckpt)
     return ckpt.content
 
 

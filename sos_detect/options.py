@@ -30,6 +30,14 @@ def at_least(low: int) -> tuple[Callable[[Any], bool], str]:
     return (lambda v: _int(v) and v >= low), f"an integer >= {low}"
 
 
+MAX_IMGSZ = 4096  # image side: a 4096 px batch of 16 is already 3 GB of float input; 100000 px asks cv2 for 28 GB
+
+
+def between(low: int, high: int) -> tuple[Callable[[Any], bool], str]:
+    """(check, rule) for an integer in [low, high]."""
+    return (lambda v: _int(v) and low <= v <= high), f"an integer in [{low}, {high}]"
+
+
 def _heads_ok(v: Any) -> bool:
     from sos_detect.detect.heads import parse_heads
 

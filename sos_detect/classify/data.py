@@ -178,8 +178,13 @@ def _imagefolder_split(root: str | Path | None, split: str) -> Path:
     return path
 
 
-def _subset(ds: Dataset, n: int | None, seed: int) -> Dataset:
-    if n is None or n >= len(ds):
+def _subset(ds: Dataset, n: int | None, seed: int, flag: str) -> Dataset:
+    """n samples of ds drawn with the seed (all when n is None); more than ds holds is refused, not capped."""
+    if n is None:
+        return ds
+    if not 1 <= n <= len(ds):
+        raise ValueError(f"{flag} {n}: must be an integer in [1, {len(ds)}] (the set holds {len(ds)} samples)")
+    if n == len(ds):
         return ds
     idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n]
     return Subset(ds, idx.tolist())
@@ -218,6 +223,15 @@ def load_classification_data(
             raise ValueError(
                 f"{Path(root) / 'val'}: class folders {test.classes[:5]}... differ from train/'s {train.classes[:5]}..."
             )
+        from sos_detect.detect.data import check_images
+
+        for split, ds in (("train", train), ("val", test)):
+            check_images([Path(f) for f, _ in ds.samples], split)
+        if len(train.classes) < 2:
+            raise ValueError(
+                f"{Path(root) / 'train'}: {len(train.classes)} class folder ({', '.join(train.classes)}); "
+                "classification needs at least 2"
+            )
         num_classes, in_ch = len(train.classes), 3
     else:
         if name == "digits":
@@ -241,9 +255,9 @@ def load_classification_data(
         test = TensorImages(xte, yte, tf_test)
         num_classes, in_ch = {"cifar100": 100}.get(name, 10), xtr.shape[1]
     return ClassificationData(
-        _subset(train, train_subset, seed),
-        _subset(plain, train_subset, seed),
-        _subset(test, test_subset, seed),
+        _subset(train, train_subset, seed, "--train-subset"),
+        _subset(plain, train_subset, seed, "--train-subset"),
+        _subset(test, test_subset, seed, "--test-subset"),
         num_classes,
         in_ch,
         imgsz,

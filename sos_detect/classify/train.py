@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -23,6 +24,7 @@ from sos_detect.classify.models import CIFAR_MODELS, build_model, final_linear
 from sos_detect.classify.optim import NSO, SAM
 from sos_detect.files import save_atomic
 from sos_detect.layers import ShiftReport, check_shift_options, shift_model
+from sos_detect.options import MAX_IMGSZ
 
 OPTIMIZERS = ("sgd", "sam", "nso")
 CHECKPOINT = "last.pt"  # written after every epoch, removed when the run finishes
@@ -72,11 +74,24 @@ class TrainConfig:
             raise ValueError(f"--optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.schedule not in ("step", "cosine"):
             raise ValueError(f"--schedule must be step or cosine, got {self.schedule!r}")
+        flag = lambda key: "--" + ("batch" if key == "batch_size" else key.replace("_", "-"))  # noqa: E731
         for key in ("imgsz", "epochs", "batch_size", "sos_batch", "sos_samples", "sos_every", "nso_perturbations"):
             value = getattr(self, key)
             if value is not None and value < 1:
-                flag = "batch" if key == "batch_size" else key.replace("_", "-")
-                raise ValueError(f"--{flag} must be >= 1, got {value}")
+                raise ValueError(f"{flag(key)} must be >= 1, got {value}")
+        if self.imgsz is not None and self.imgsz > MAX_IMGSZ:
+            raise ValueError(f"--imgsz {self.imgsz}: must be an integer in [1, {MAX_IMGSZ}]")
+        for key in ("workers", "sos_start"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{flag(key)} {getattr(self, key)}: must be an integer >= 0")
+        positive = ("lr", "rho")  # a zero step or radius trains nothing; NaN or inf trains a NaN model
+        for key in ("lr", "momentum", "weight_decay", "rho", "sigma", "mixup"):
+            value = getattr(self, key)
+            low = "> 0" if key in positive else ">= 0"
+            if not math.isfinite(value) or value < 0 or (key in positive and value == 0):
+                raise ValueError(f"{flag(key)} {value}: must be a finite number {low}")
+        if self.momentum >= 1:
+            raise ValueError(f"--momentum {self.momentum}: must be a finite number in [0, 1)")
         check_shift_options(
             self.sos_mode, self.sos_tau, self.sos_batch if self.sos_mode == "paper" else None, prefix="--sos-"
         )
@@ -336,8 +351,9 @@ def train(cfg: TrainConfig, data: ClassificationData | None = None) -> dict[str,
     _check_fit(model, data, cfg)
     opt = _optimizer(model, cfg)
     base = getattr(opt, "base_optimizer", opt)
-    folder.mkdir(parents=True, exist_ok=True)
     loader = _loader(data.train, cfg.batch_size, True, cfg.seed, cfg.workers)
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)  # only now: every check above fails without leaving a folder
     rows: list[dict[str, float]] = []
     if state is not None:
         model.load_state_dict(state["model"])
@@ -389,6 +405,13 @@ def train(cfg: TrainConfig, data: ClassificationData | None = None) -> dict[str,
             seen += len(y)
             pbar.set_description(
                 f"{f'{epoch + 1}/{cfg.epochs}':>10}{loss_sum / seen:>10.4g}{correct / seen:>10.4g}{cfg.imgsz:>10}"
+            )
+        if not math.isfinite(loss_sum / seen):  # a diverged model is never saved as a finished run
+            if created and not rows:
+                shutil.rmtree(folder, ignore_errors=True)
+            kept = f"; {folder / CHECKPOINT} holds epoch {len(rows)}" if rows else ""
+            raise ValueError(
+                f"--lr {cfg.lr}: training diverged in epoch {epoch + 1} (loss {loss_sum / seen}); lower it{kept}"
             )
         report = None
         if cfg.sos and epoch >= cfg.sos_start and (epoch - cfg.sos_start) % cfg.sos_every == 0:

@@ -7,7 +7,12 @@ Adding a command: in its family's `register`, `p = command(sub, "name", run, hel
 from __future__ import annotations
 
 import io
+import os
 import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
 
 from sos_detect.cli import classify, data, detect, reproduce
 from sos_detect.cli.options import Parser, apply_key_values, check_args, parse
@@ -49,6 +54,30 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     except ERRORS as err:
-        message = str(err).splitlines()[0] if str(err) else repr(err)
-        print(f"{prog}: error: {message}", file=sys.stderr)
+        print(f"{prog}: error: {one_line(str(err)) if str(err) else repr(err)}", file=sys.stderr)
         return 2
+    except Exception as err:  # noqa: BLE001 - anything else is a bug: one line, the traceback in a file
+        report = _write_traceback(argv)
+        where = f"traceback in {report}" if report else "no traceback file could be written"
+        print(
+            f"{prog}: internal error (a bug in sos-detect, please report it): "
+            f"{type(err).__name__}: {one_line(str(err))}; {where}",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def one_line(message: str) -> str:
+    """A message on one line: line breaks (a path may hold one) written as \\n, not cut."""
+    return message.replace("\r", "\\r").replace("\n", "\\n")
+
+
+def _write_traceback(argv: list[str]) -> Path | None:
+    """The current exception's traceback and the command line, in a new file in the temporary folder."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=f"sos-detect-bug-{time.strftime('%Y%m%d-%H%M%S')}-", suffix=".txt")
+        with os.fdopen(fd, "w") as f:
+            f.write(f"sos-detect {' '.join(map(repr, argv))}\n\n{traceback.format_exc()}")
+        return Path(name)
+    except OSError:
+        return None

@@ -27,6 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         csub, "shift", cmd_classify_shift, help="post-hoc shift of a trained classifier: top-1/top-5 before and after"
     )
     for p in (ct, cs):
+        p.set_defaults(cli_sos_mode="paper")  # TrainConfig's --sos-mode
         _common_flags(p)
     _train_flags(ct)
 

@@ -7,9 +7,13 @@ import argparse
 from pathlib import Path
 
 from sos_detect.cli.options import add_options, command, typed
-from sos_detect.cli.paths import check_writable_dir
+from sos_detect.cli.paths import fresh_build
 from sos_detect.options import Option, at_least
 
+FORCE_HELP = (
+    "replace what an earlier build wrote in a non-empty --out (refused without it), swapped in once the new build "
+    "is complete; other files there are kept"
+)
 WORKERS = Option("workers", int, None, "processes (default: all cores)", *at_least(1), optional=True)
 
 
@@ -51,13 +55,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     fd.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     fd.add_argument("--root", default=None, help="Fashion-MNIST IDX folder (default /usr/share/datasets/fashion-mnist)")
     fd.add_argument("--out", default="datasets/fashion-det", help="output folder (default datasets/fashion-det)")
+    for p in (df, vo, fd):
+        p.add_argument("--force", action="store_true", help=FORCE_HELP)
 
 
 def cmd_voc(a: argparse.Namespace) -> int:
-    from sos_detect.detect.voc import convert_voc
+    from sos_detect.detect.voc import convert_voc, write_voc_yaml
 
-    check_writable_dir(a.out, typed(a, "out"))
-    summary = convert_voc(a.root, a.out, a.workers)
+    with fresh_build(a.out, typed(a, "out"), a.force) as work:
+        summary = convert_voc(a.root, work, a.workers)
+        write_voc_yaml(work, Path(a.out).resolve())
     print(summary.format())
     print(f"data YAML: {Path(a.out).resolve() / 'voc.yaml'}")
     return 0
@@ -66,8 +73,8 @@ def cmd_voc(a: argparse.Namespace) -> int:
 def cmd_deepforest(a: argparse.Namespace) -> int:
     from sos_detect.detect.embedded import build_embedded
 
-    check_writable_dir(a.out, typed(a, "out"))
-    counts = build_embedded(a.src, a.out)
+    with fresh_build(a.out, typed(a, "out"), a.force) as work:
+        counts = build_embedded(a.src, work)
     print(", ".join(f"{k} {v}" for k, v in counts.items()))
     return 0
 
@@ -75,8 +82,9 @@ def cmd_deepforest(a: argparse.Namespace) -> int:
 def cmd_fashion_det(a: argparse.Namespace) -> int:
     from sos_detect.detect.synthetic import YAML_NAME, build_fashion_det, dataset_digest, spec_from_args
 
-    check_writable_dir(a.out, typed(a, "out"))
-    counts = build_fashion_det(a.out, spec_from_args(a.train, a.val, a.imgsz, a.seed), a.root)
+    spec = spec_from_args(a.train, a.val, a.imgsz, a.seed)
+    with fresh_build(a.out, typed(a, "out"), a.force) as work:
+        counts = build_fashion_det(work, spec, a.root)
     print(", ".join(f"{k} {v}" for k, v in counts.items()))
     print(f"data YAML: {Path(a.out).resolve() / YAML_NAME}\nsha256 {dataset_digest(a.out)}")
     return 0

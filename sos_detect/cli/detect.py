@@ -29,7 +29,12 @@ from sos_detect.cli.options import (
     torch_device,
     typed,
 )
-from sos_detect.cli.paths import check_output_file, check_writable_dir, run_folder_removed_on_failure
+from sos_detect.cli.paths import (
+    check_figure_file,
+    check_output_file,
+    check_writable_dir,
+    run_folder_removed_on_failure,
+)
 from sos_detect.options import (
     SOS_OPTIONS,
     Option,
@@ -87,6 +92,7 @@ def _compare_parser(sub: argparse._SubParsersAction) -> None:
 def cmd_compare(a: argparse.Namespace) -> int:
     from sos_detect.detect.compare import compare_runs, run_labels
 
+    check_figure_file(a.out, typed(a, "out"))
     labels = a.labels.split(",") if a.labels else run_labels(a.runs)
     if len(labels) != len(a.runs):
         raise ValueError(f"--labels: {len(labels)} labels for {len(a.runs)} runs")
@@ -294,12 +300,13 @@ def _resume(a: argparse.Namespace, resume: Any, device: str) -> int:
         last = get_latest_run(a.project) if Path(a.project).is_dir() else ""
         if not last:
             raise OptionError(f"{flag}: no last.pt under {name(a, 'project')} {a.project} to resume")
-        flag = spell(flag, last)
     else:
-        last, flag = str(resume), spell(flag, resume)
-    ckpt = load_detector(last, flag)
+        last = str(resume)
+    ckpt = load_detector(last, flag, resume=True)  # errors name it as `--resume LAST_PT`
     if ckpt.get("epoch", -1) < 0 or ckpt.get("optimizer") is None:
-        raise OptionError(f"{flag}: a finished run (no optimizer state); fine-tune from it with --weights instead")
+        raise OptionError(
+            f"{spell(flag, last)}: a finished run (no optimizer state); fine-tune from it with --weights instead"
+        )
     model = YOLO(last)
     trainer = sos_trainer(head_task(detect_head(ckpt.get("ema") or ckpt["model"])))
     model.train(trainer=trainer, resume=True, device=device, **a.cli_overrides)
@@ -471,6 +478,16 @@ def _check_rows(a: argparse.Namespace, ckpt: dict[str, Any]) -> None:
     )
 
 
+def _check_image_count(a: argparse.Namespace, key: str, data: dict[str, Any]) -> None:
+    """A post-hoc command samples option `key` training images: more than the split holds is refused when asked for
+    (a default above it takes them all)."""
+    from sos_detect.detect.data import image_files
+
+    count = len(image_files(data["train"]))
+    if key in a.cli_names and getattr(a, key) > count:
+        raise OptionError(f"{typed(a, key)}: the training split has only {count} images ({data['train']})")
+
+
 def cmd_shift(a: argparse.Namespace) -> int:
     from sos_detect.detect.checkpoint import shift_checkpoint
 
@@ -478,6 +495,7 @@ def cmd_shift(a: argparse.Namespace) -> int:
     check_output_file(a.out, typed(a, "out"), {typed(a, "weights"): a.weights})
     ckpt, data_yaml, data = _open_checkpoint(a)
     _check_rows(a, ckpt)
+    _check_image_count(a, "sos_images", data)
     before = _validate(a.weights, data_yaml, a, device)
     shift = {k.removeprefix("sos_"): getattr(a, k) for k in ("sos_mode", "sos_tau", "sos_rows", "sos_images")}
     reports, written = shift_checkpoint(
@@ -515,6 +533,7 @@ def cmd_hessian(a: argparse.Namespace) -> int:
         check_writable_dir(a.out, typed(a, "out"))
     ckpt, _, data = _open_checkpoint(a)
     _check_rows(a, ckpt)
+    _check_image_count(a, "images", data)
     model = working_copy(ckpt.get("ema") or ckpt["model"], device, imgsz=a.imgsz, batch=a.batch)
     batches = capture_set_for(model, data).sample(a.images, a.seed)
     kw = dict(which=a.params, k=a.k, probes=a.probes, seed=a.seed)

@@ -12,12 +12,13 @@ import argparse
 import difflib
 from collections.abc import Callable, Iterable
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
-from sos_detect.options import Option, OptionError, at_least, check_options, spell
+from sos_detect.options import MAX_IMGSZ, Option, OptionError, at_least, between, check_options, spell
 
 _POSITIVE = at_least(1)
-IMGSZ = Option("imgsz", int, 320, "image size in pixels", *at_least(32))
+IMGSZ = Option("imgsz", int, 320, "image size in pixels", *between(32, MAX_IMGSZ))
 BATCH = Option("batch", int, 16, "batch size", *_POSITIVE)
 EPOCHS = Option("epochs", int, 30, "training epochs", *_POSITIVE)
 SEED = Option("seed", int, 0, "random seed", *at_least(0))
@@ -72,6 +73,7 @@ def command(
         cli_aliases=aliases or {},
         cli_passthrough=passthrough,
         cli_required=tuple(required),
+        cli_sos_mode="guarded",  # --sos-mode when not given (classify's commands: paper)
     )
     return p
 
@@ -93,12 +95,31 @@ def add_device(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help=DEVICE_HELP)
 
 
+def _given_twice(args: argparse.Namespace, dest: str, typed: str) -> OptionError | None:
+    """An option already given (in any form: `--epochs 0 epochs=1`, `--sos --no-sos`) is refused, not overridden."""
+    if dest not in args.cli_names:
+        return None
+    first = args.cli_names[dest]
+    first = spell(first, args.cli_texts[dest]) if dest in args.cli_texts else first
+    return OptionError(f"{typed}: {first} was given too; give each option once")
+
+
 def _typed_flags(args: argparse.Namespace, argv: list[str]) -> None:
     """Record, for every flag of the command in argv, the flag as typed and its value's text."""
+    skip = False
     for i, token in enumerate(argv):
+        if skip:  # the value of the flag before, even when it looks like a flag
+            skip = False
+            continue
         flag, eq, text = token.partition("=")
         action = args.cli_parser._option_string_actions.get(flag) if token.startswith("--") else None
         if action is not None:
+            skip = not eq and action.nargs is None
+            if not isinstance(action, argparse._AppendAction) and action.dest != "help":
+                value = text if eq else argv[i + 1] if skip and i + 1 < len(argv) else ""
+                twice = _given_twice(args, action.dest, spell(flag, value) if value else flag)
+                if twice:
+                    raise twice
             args.cli_names[action.dest] = flag
             if eq or (action.nargs != 0 and i + 1 < len(argv)):
                 args.cli_texts[action.dest] = text if eq else argv[i + 1]
@@ -152,6 +173,9 @@ def _apply_pair(args: argparse.Namespace, token: str, prefix: str, overrides: di
         raise OptionError(f"{prefix}{token}: missing value")
     dest = args.cli_aliases.get(key, key)
     typed = f"{prefix}{key}={raw}"
+    twice = _given_twice(args, dest, typed)
+    if twice:
+        raise twice
     if dest in actions:
         setattr(args, dest, _coerce(actions[dest], raw, typed))
         args.cli_names[dest], args.cli_texts[dest] = f"{prefix}{key}=", raw
@@ -159,7 +183,7 @@ def _apply_pair(args: argparse.Namespace, token: str, prefix: str, overrides: di
         from ultralytics.cfg import smart_value
 
         overrides[key] = smart_value(raw)
-        args.cli_names[key] = f"{prefix}{key}="
+        args.cli_names[key], args.cli_texts[key] = f"{prefix}{key}=", raw
     else:
         raise _unknown(prefix + token, known)
 
@@ -167,16 +191,17 @@ def _apply_pair(args: argparse.Namespace, token: str, prefix: str, overrides: di
 def parse(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """(args from the flags, the other arguments: `key=value` or unknown); see `apply_key_values`."""
     args, extras = parser.parse_known_args(argv)
-    args.cli_names, args.cli_texts, args.cli_overrides = {}, {}, {}
-    _typed_flags(args, argv)
+    args.cli_names, args.cli_texts, args.cli_overrides, args.cli_argv = {}, {}, {}, list(argv)
     return args, extras
 
 
 def apply_key_values(args: argparse.Namespace, extras: list[str]) -> None:
-    """`key=value` arguments and `--opt KEY=VALUE` on top of the flags; `args.cli_overrides` gets the Ultralytics
-    training arguments that are not options of the command. Anything else is an unknown argument."""
+    """Record how each flag was typed, then apply `key=value` arguments and `--opt KEY=VALUE` on top of the flags;
+    `args.cli_overrides` gets the Ultralytics training arguments that are not options of the command. Anything
+    else is an unknown argument; an option given twice, in any form, is refused."""
     from ultralytics.cfg import merge_equals_args
 
+    _typed_flags(args, args.cli_argv)
     try:
         tokens = merge_equals_args(extras)
     except SyntaxError as err:
@@ -204,6 +229,8 @@ def check_args(args: argparse.Namespace) -> None:
             alias = next((k for k, v in args.cli_aliases.items() if v == key), key)
             raise OptionError(f"the following arguments are required: --{key.replace('_', '-')} (or {alias}=)")
     check_options(vars(args), args.cli_table, lambda key: name(args, key), args.cli_texts)
+    _check_ignored(args)
+    _check_run_name(args)
     if args.cli_overrides:
         from ultralytics.cfg import check_cfg
 
@@ -211,6 +238,45 @@ def check_args(args: argparse.Namespace) -> None:
             check_cfg(dict(args.cli_overrides))
         except (TypeError, ValueError) as err:
             raise OptionError(str(err).splitlines()[0]) from None
+
+
+# options that only one --sos-mode uses (detection: sos_rows, sos_tau; classification: sos_batch, sos_samples)
+MODE_ONLY = {"sos_rows": "paper", "sos_batch": "paper", "sos_tau": "guarded", "sos_samples": "guarded"}
+UNSHIFTED_OK = ("sos", "sos_hessian_every", "sos_hessian_images", "sos_hessian_probes")  # used without shifts too
+
+
+def _check_ignored(args: argparse.Namespace) -> None:
+    """An option the command would ignore is refused: SOS options where no shift happens (train --no-sos,
+    classify train without --sos, hessian without --before-after) and options of the other --sos-mode.
+    A resumed run takes its saved settings, so its options are left to the resume check."""
+    given = [k for k in args.cli_names if k.startswith("sos_") and k not in UNSHIFTED_OK and hasattr(args, k)]
+    if not given or getattr(args, "resume", None):
+        return
+    sos = getattr(args, "before_after", getattr(args, "sos", True))
+    switch = name(args, "sos") if name(args, "sos").startswith("--") else typed(args, "sos")
+    off = {
+        None: "without --sos (SOS is off by default here)",
+        False: f"with {switch}" if hasattr(args, "sos") else "without --before-after",
+    }.get(sos)
+    if off:
+        raise OptionError(f"{typed(args, given[0])}: has no effect {off} (no shift is made)")
+    if not hasattr(args, "sos_mode"):  # a command without modes (reproduce classify's --sos-batch sweep)
+        return
+    mode = args.sos_mode or args.cli_sos_mode
+    for key in given:
+        if MODE_ONLY.get(key, mode) != mode:
+            raise OptionError(f"{typed(args, key)}: only --sos-mode {MODE_ONLY[key]} uses it (here: {mode})")
+
+
+def _check_run_name(args: argparse.Namespace) -> None:
+    """--name is a folder inside --project: relative, without `..`, not the project itself."""
+    run = getattr(args, "name", None)
+    if not isinstance(run, str) or not hasattr(args, "project"):
+        return
+    parts = Path(run).parts
+    if Path(run).is_absolute() or ".." in parts or not [p for p in parts if p != "."]:
+        project = f"--project ({args.project})" if args.project else "the project folder"
+        raise OptionError(f"{typed(args, 'name')}: must be a folder name inside {project}, without '..'")
 
 
 def resolve_device(args: argparse.Namespace) -> str:

@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from sos_detect.cli.options import command
+from sos_detect.cli.options import BATCH, EPOCHS, IMGSZ, add_options, command
+from sos_detect.options import MAX_IMGSZ, between
+
+OVERRIDES = {
+    row.key: replace(row, default=None, optional=True, help=f"override the preset's {row.help}")
+    for row in (EPOCHS, BATCH, IMGSZ)
+}
+_SIDE, _SIDE_RULE = between(1, MAX_IMGSZ)  # classification images may be smaller than a detector's 32 px
+CLASSIFY_IMGSZ = replace(
+    OVERRIDES["imgsz"], help="override the image size (default: the data's, see classify)", check=_SIDE, rule=_SIDE_RULE
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -35,7 +46,7 @@ def _table5_parser(rsub: argparse._SubParsersAction) -> None:
     )
     t5.add_argument("--models", default=None, help="comma-separated, e.g. yolov5s,yolov5x (default: the preset's)")
     t5.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
-    t5.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
+    add_options(t5, (OVERRIDES["epochs"],))
     t5.add_argument("--data", default=None, help="override the preset's data YAML (voc.yaml: the converted VOC)")
     t5.add_argument(
         "--weights-dir",
@@ -43,7 +54,7 @@ def _table5_parser(rsub: argparse._SubParsersAction) -> None:
         help="folder with starting checkpoints named MODEL.pt or MODELu.pt (e.g. COCO-pretrained yolov5su.pt)",
     )
     t5.add_argument("--device", default=None, help="override the preset's device")
-    t5.add_argument("--batch", type=int, default=None, help="override the preset's batch size")
+    add_options(t5, (OVERRIDES["batch"],))
     t5.add_argument("--arms", default=None, help="comma-separated subset of base,guarded-1e-4,paper-b32 (default all)")
     t5.add_argument("--out", default="runs/table5", help="output folder (default runs/table5)")
 
@@ -76,7 +87,7 @@ def _ab_parser(rsub: argparse._SubParsersAction) -> None:
     )
     ab.add_argument("--arms", default=None, help="comma-separated subset of the preset's arms, baseline first")
     ab.add_argument("--seeds", default=None, help="comma-separated seeds (default: the preset's, else 0,1,2,3,4)")
-    ab.add_argument("--epochs", type=int, default=None, help="override the epochs")
+    add_options(ab, (OVERRIDES["epochs"],))
     ab.add_argument(
         "--opt",
         dest="train_options",  # read by the harness, not as this command's own key=value arguments
@@ -104,8 +115,8 @@ def cmd_ab(a: argparse.Namespace) -> int:
         weights=a.weights,
         arm_specs=a.arm,
         arms=a.arms.split(",") if a.arms else None,
-        seeds=_seeds(a.seeds) if a.seeds else None,
-        options={**parse_options(a.train_options), **({"epochs": a.epochs} if a.epochs else {})},
+        seeds=_seeds(a.seeds) if a.seeds is not None else None,
+        options={**parse_options(a.train_options), **({"epochs": a.epochs} if a.epochs is not None else {})},
     )
     paths = run_ab(cfg, Path(a.out or f"runs/ab/{a.preset or 'custom'}"), jobs=a.jobs)
     print(paths[0].read_text())
@@ -138,13 +149,13 @@ def _classify_parser(rsub: argparse._SubParsersAction) -> None:
         help="comma-separated subset of sgd,sgd+sos,sam,sam+sos,nso,nso+sos (default: the preset's; all but terminal)",
     )
     rc.add_argument("--model", default=None, help="override the preset's model (e.g. vgg16_bn, densenet201)")
-    rc.add_argument("--data", default=None, help="override the preset's dataset (cifar10, cifar100, ..., digits)")
-    rc.add_argument("--root", default=None, help="dataset root")
-    rc.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
-    rc.add_argument("--batch", type=int, default=None, help="override the preset's batch size")
     rc.add_argument(
-        "--imgsz", type=int, default=None, help="override the image size (default: the data's, see classify)"
+        "--data",
+        default=None,
+        help="override the preset's dataset (cifar10, cifar100, ..., digits; all of it unless --train-subset)",
     )
+    rc.add_argument("--root", default=None, help="dataset root")
+    add_options(rc, (OVERRIDES["epochs"], OVERRIDES["batch"], CLASSIFY_IMGSZ))
     rc.add_argument(
         "--sos-batch",
         default=None,
@@ -198,11 +209,18 @@ def cmd_reproduce_sensing(a: argparse.Namespace) -> int:
     return 0
 
 
-def _seeds(text: str, flag: str = "--seeds") -> list[int]:
+def _seeds(text: str, flag: str = "--seeds", low: int = 0) -> list[int]:
+    """Comma-separated distinct integers >= low (seeds; --sos-batch sizes with low 1); empty is refused."""
     try:
-        return [int(s) for s in text.split(",")]
+        values = [int(s) for s in text.split(",")]
     except ValueError:
-        raise ValueError(f"{flag} {text}: must be comma-separated integers") from None
+        raise ValueError(f"{flag} {text!r}: must be comma-separated integers") from None
+    if any(v < low for v in values):
+        raise ValueError(f"{flag} {text}: must be integers >= {low}")
+    twice = next((v for i, v in enumerate(values) if v in values[:i]), None)
+    if twice is not None:
+        raise ValueError(f"{flag} {text}: {twice} given twice (a repeated seed would count one run twice)")
+    return values
 
 
 def cmd_reproduce_classify(a: argparse.Namespace) -> int:
@@ -222,7 +240,7 @@ def cmd_reproduce_classify(a: argparse.Namespace) -> int:
         schemes=schemes,
         overrides=overrides,
         paper_figures=a.paper_figures,
-        sos_batches=_seeds(a.sos_batch, "--sos-batch") if a.sos_batch else None,
+        sos_batches=_seeds(a.sos_batch, "--sos-batch", 1) if a.sos_batch is not None else None,
         jobs=a.jobs,
     )
     print(md.read_text())

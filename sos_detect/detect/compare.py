@@ -68,12 +68,20 @@ def compare_runs(
         for r in runs:
             if not (r / "results.csv").is_file():
                 raise FileNotFoundError(f"{r}: no results.csv (not an Ultralytics run folder)")
+            try:
+                epochs = read_results(r).get("epoch")
+            except (ValueError, TypeError) as err:  # a cell that is no number, a row cut short
+                raise ValueError(f"{r / 'results.csv'}: not an Ultralytics results table ({err})") from None
+            if not epochs:
+                raise ValueError(f"{r / 'results.csv'}: no epoch logged (the run stopped before its first epoch ended)")
     columns = list(PANELS)
     for runs in groups.values():
         for r in runs:
             columns += [c for c in trace_columns(read_results(r)) if c not in columns]
     data = {c: {label: curve for label, runs in groups.items() if (curve := group_curve(runs, c))} for c in columns}
     data = {c: curves for c, curves in data.items() if curves}
+    if not data:
+        raise ValueError(f"{', '.join(map(str, runs))}: no epoch with a value in any plotted column")
     plt = pyplot()
     ncols = min(3, len(data))
     nrows = math.ceil(len(data) / ncols)

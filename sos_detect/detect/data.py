@@ -3,6 +3,7 @@ every image and YOLO label file. Errors are one line naming the file, or the opt
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,11 @@ from sos_detect.detect.embedded import EMBEDDED_YAML, REPO_ROOT
 VOC_NAMES = ("voc", "voc.yaml", "voc.yml")  # as typed, any case: the converted PASCAL VOC
 VOC_CONVERTED = Path("datasets") / "voc"  # `sos-detect data voc`'s default --out, relative to the working folder
 VOC_CONFIG = REPO_ROOT / "configs" / "voc.yaml"  # the same layout seen from the source checkout
+
+
+MAX_YAML_BYTES = 1 << 20  # a data YAML names folders and classes: 1 MiB holds 10,000s of class names
+MAX_YAML_NODES = 100_000  # values after alias expansion (exponential anchors expand to billions)
+MAX_YAML_DEPTH = 64  # nesting (a self-referencing alias nests without end)
 
 
 class DataError(ValueError):
@@ -39,56 +45,79 @@ def image_files(source: str | list[str]) -> list[Path]:
     return files
 
 
-def check_images(images: list[Path], split: str) -> None:
-    """Every image must open (PIL reads its header) and be at least 10 px wide and high; Ultralytics would skip it
-    as 'corrupt' with a cryptic reason, and fail with a traceback when none is left."""
+def _image_problem(f: Path) -> str | None:
+    """Why an image cannot be trained on, or None: it must decode completely (JPEGs at 1/8 scale, which still reads
+    every byte), be at least 10 px on each side, and a JPEG must end with its end-of-image marker (Ultralytics
+    would rewrite such a file in place, "restored")."""
     from PIL import Image, UnidentifiedImageError
 
-    bad: list[tuple[Path, str]] = []
-    for f in images:
-        try:
-            with Image.open(f) as im:
-                if min(im.size) < 10:  # Ultralytics' verify_image_label drops these
-                    bad.append((f, f"image size {im.size[0]}x{im.size[1]} is below Ultralytics' 10-pixel minimum"))
-        except FileNotFoundError:
-            bad.append((f, "listed but not on disk"))
-        except (UnidentifiedImageError, ImportError) as err:  # ImportError: Ultralytics' HEIF opener tried pi_heif
-            heif = isinstance(err, ImportError) and f.suffix.lower() in (".heic", ".heif")
-            bad.append((f, f"HEIF image, needs {err.name}" if heif else "not a readable image (no known image format)"))
-        except Exception as err:  # noqa: BLE001 - PIL raises several types for damaged files
-            bad.append((f, f"not a readable image ({type(err).__name__}: {str(err).splitlines()[0]})"))
+    try:
+        with Image.open(f) as im:
+            w, h = im.size
+            if min(w, h) < 10:  # Ultralytics' verify_image_label drops these
+                return f"image size {w}x{h} is below Ultralytics' 10-pixel minimum"
+            if im.format == "JPEG":
+                with open(f, "rb") as raw:
+                    raw.seek(-2, 2)
+                    if raw.read() != b"\xff\xd9":
+                        return "JPEG does not end with its end-of-image marker (cut short, or bytes after it)"
+                im.draft("RGB", (max(1, w // 8), max(1, h // 8)))
+            im.load()
+    except FileNotFoundError:
+        return "listed but not on disk"
+    except (UnidentifiedImageError, ImportError) as err:  # ImportError: Ultralytics' HEIF opener tried pi_heif
+        heif = isinstance(err, ImportError) and f.suffix.lower() in (".heic", ".heif")
+        return f"HEIF image, needs {err.name}" if heif else "not a readable image (no known image format)"
+    except Exception as err:  # noqa: BLE001 - PIL raises several types for damaged files
+        return f"not a readable image ({type(err).__name__}: {' '.join(str(err).split())})"
+    return None
+
+
+def check_images(images: list[Path], split: str) -> None:
+    """Every image must decode completely (`_image_problem`); Ultralytics would skip a bad one as 'corrupt' with a
+    cryptic reason and train on fewer images, or fail with a traceback when none is left."""
+    bad = [(f, why) for f in images if (why := _image_problem(f)) is not None]
     if bad:
         raise DataError(f"{bad[0][0]}: {bad[0][1]} ({len(bad)} of {len(images)} '{split}' images unreadable)")
 
 
-Layout = tuple[str, Callable[[int], bool], Callable[[list[float]], list[float]]]
+Layout = tuple[str, Callable[[int], bool], Callable[[list[float]], list[float]], bool]
 
 
 def label_layout(task: str, data: dict[str, Any]) -> Layout:
     """(a YOLO label line of `task` in words, a check of its value count, its coordinates — which must lie in
-    [0, 1] — from its values), Ultralytics' formats; pose keypoints' visibility flags are not coordinates."""
+    [0, 1] — from its values, whether it starts with a box `xc yc w h`), Ultralytics' formats; pose keypoints'
+    visibility flags are not coordinates."""
 
     def after_class(values: list[float]) -> list[float]:
         return values[1:]
 
     if task == "segment":
-        return "class x1 y1 x2 y2 x3 y3 … (a polygon)", lambda n: n >= 7 and n % 2 == 1, after_class
+        return "class x1 y1 x2 y2 x3 y3 … (a polygon)", lambda n: n >= 7 and n % 2 == 1, after_class, False
     if task == "obb":
-        return "class x1 y1 x2 y2 x3 y3 x4 y4", lambda n: n == 9, after_class
+        return "class x1 y1 x2 y2 x3 y3 x4 y4", lambda n: n == 9, after_class, False
     if task == "pose":
         nkpt, ndim = (list(data.get("kpt_shape") or []) + [0, 0])[:2]
 
         def box_and_points(values: list[float]) -> list[float]:
             return values[1:5] + [x for k in range(nkpt) for x in values[5 + k * ndim : 7 + k * ndim]]
 
-        return f"class xc yc w h and {nkpt}×{ndim} keypoint values", lambda n: n == 5 + nkpt * ndim, box_and_points
-    return "class xc yc w h", lambda n: n == 5, after_class
+        return (
+            f"class xc yc w h and {nkpt}×{ndim} keypoint values",
+            lambda n: n == 5 + nkpt * ndim,
+            box_and_points,
+            True,
+        )
+    return "class xc yc w h", lambda n: n == 5, after_class, True
 
 
 def _check_label_file(label: Path, nc: int, layout: Layout) -> int:
-    words, count_ok, coordinates = layout
+    """The lines of one YOLO label file in `layout` (`label_layout`): finite numbers, as many as the layout takes, a
+    known integer class, coordinates inside [0, 1] and boxes (`xc yc w h`) of positive size. Returns the number of
+    labels."""
+    words, count_ok, coordinates, box = layout
     checked = 0
-    for n, line in enumerate(label.read_text().splitlines(), 1):
+    for n, line in enumerate(label.read_text(errors="replace").splitlines(), 1):
         parts = line.split()
         if not parts:
             continue
@@ -96,16 +125,27 @@ def _check_label_file(label: Path, nc: int, layout: Layout) -> int:
             values = [float(x) for x in parts]
         except ValueError:
             raise DataError(f"{label}:{n}: non-numeric label line {line!r}") from None
-        cls = values[0]
-        coords = coordinates(values)
         if not count_ok(len(values)):
             raise DataError(f"{label}:{n}: expected '{words}', got {len(parts)} values")
+        if not all(map(math.isfinite, values)):
+            raise DataError(f"{label}:{n}: non-finite value (NaN or inf) in {line.strip()!r}")
+        cls, coords = values[0], coordinates(values)
         if cls != int(cls) or not 0 <= cls < nc:
             raise DataError(f"{label}:{n}: class {parts[0]} outside 0..{nc - 1}")
         if not all(0.0 <= c <= 1.0 for c in coords):
             raise DataError(f"{label}:{n}: coordinates {coords} not normalised to [0, 1]")
+        if box and (coords[2] <= 0 or coords[3] <= 0):
+            raise DataError(f"{label}:{n}: zero-size box (width {parts[3]}, height {parts[4]})")
         checked += 1
     return checked
+
+
+def _orphan_labels(images: list[Path], labels: list[Path]) -> list[Path]:
+    """Files *.txt in the label folders of the images (labels/… beside images/…; a folder holding images too may
+    hold other text files, such as classes.txt) that belong to no image."""
+    expected = set(labels)
+    dirs = {p.parent for p in labels} - {p.parent for p in images}
+    return sorted(f for d in dirs if d.is_dir() for f in d.glob("*.txt") if f not in expected)
 
 
 def check_labels(data: dict[str, Any], splits: tuple[str, ...] = ("train", "val"), task: str = "detect") -> int:
@@ -122,21 +162,77 @@ def check_labels(data: dict[str, Any], splits: tuple[str, ...] = ("train", "val"
         if not images:
             raise DataError(f"{data[split]}: no images for split '{split}'")
         check_images(images, split)
-        for label in map(Path, img2label_paths([str(f) for f in images])):
+        labels = list(map(Path, img2label_paths([str(f) for f in images])))
+        for label in labels:
             if label.exists():  # an image without labels is a background image
                 checked += _check_label_file(label, nc, layout)
+        entries = data[split] if isinstance(data[split], list) else [data[split]]
+        if all(Path(e).is_dir() for e in entries):  # a .txt list may name a subset: other labels are no orphans
+            orphans = _orphan_labels(images, labels)
+            if orphans:
+                raise DataError(
+                    f"{orphans[0]}: label file without an image ({len(orphans)} in '{split}'); "
+                    "Ultralytics would ignore it: add its image or remove it"
+                )
     return checked
 
 
-def _read_yaml(yaml_path: Path) -> dict[str, Any]:
+def _check_yaml_shape(node: Any, yaml_path: Path) -> None:
+    """Bound a composed YAML document before it is built: at most MAX_YAML_NODES values with aliases expanded
+    and MAX_YAML_DEPTH levels of nesting (a self-referencing alias never ends)."""
     import yaml
 
+    stack, count = [(node, 1)], 0
+    while stack:
+        item, depth = stack.pop()
+        count += 1
+        if count > MAX_YAML_NODES:
+            raise DataError(f"{yaml_path}: over {MAX_YAML_NODES:,} values once its aliases are expanded")
+        if depth > MAX_YAML_DEPTH:
+            raise DataError(f"{yaml_path}: nested deeper than {MAX_YAML_DEPTH} levels (a self-referencing alias?)")
+        if isinstance(item, yaml.SequenceNode):
+            stack += [(child, depth + 1) for child in item.value]
+        elif isinstance(item, yaml.MappingNode):
+            stack += [(child, depth + 1) for pair in item.value for child in pair]
+
+
+def _check_names(raw: dict[str, Any], yaml_path: Path) -> None:
+    """`names:` a list, or a mapping from class index, of plain names (strings or numbers)."""
+    names = raw.get("names")
+    if names is None:
+        return
+    if isinstance(names, dict):
+        bad_key = next((k for k in names if not isinstance(k, int) or isinstance(k, bool) or k < 0), None)
+        if bad_key is not None:
+            raise DataError(f"{yaml_path}: names: key {bad_key!r} is not a class index (0, 1, …)")
+        items = list(names.items())
+    elif isinstance(names, list):
+        items = list(enumerate(names))
+    else:
+        raise DataError(f"{yaml_path}: names: must be a list or a mapping of class names, not {type(names).__name__}")
+    for index, value in items:
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise DataError(f"{yaml_path}: names: class {index} is a {type(value).__name__}, not a plain name")
+
+
+def _read_yaml(yaml_path: Path) -> dict[str, Any]:
+    """An untrusted data YAML, bounded (size, alias expansion, nesting, plain class names) before it is built."""
+    import yaml
+
+    size = yaml_path.stat().st_size
+    if size > MAX_YAML_BYTES:
+        raise DataError(f"{yaml_path}: {size:,} bytes; a data YAML is at most {MAX_YAML_BYTES:,}")
     try:
-        raw = yaml.safe_load(yaml_path.read_text())
+        text = yaml_path.read_text()
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        if node is not None:
+            _check_yaml_shape(node, yaml_path)
+        raw = yaml.safe_load(text)
     except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise DataError(f"{yaml_path}: not a readable YAML file ({str(err).splitlines()[0]})") from None
+        raise DataError(f"{yaml_path}: not a readable YAML file ({' '.join(str(err).split())})") from None
     if not isinstance(raw, dict):
         raise DataError(f"{yaml_path}: not a data YAML (no train:/val: keys)")
+    _check_names(raw, yaml_path)
     return raw
 
 

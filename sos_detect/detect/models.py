@@ -14,6 +14,7 @@ from typing import Any
 from sos_detect.options import OptionError
 
 MIN_TRANSFER = 0.5  # a YAML model must take at least this share of its tensors from --weights, and its whole box head
+TRAIN_REMEDY = "fine-tune the checkpoint's own architecture with --weights alone (model=X.pt), or pass --allow-partial"
 
 
 def read_yaml_dict(path: str | Path, typed: str) -> dict[str, Any] | None:
@@ -72,13 +73,21 @@ def task_model(yaml: dict[str, Any], task: str, data: dict[str, Any]):
     """A fresh network of `yaml` for `task` with the data's class count (and keypoint shape), as the task's trainer
     builds it."""
     from ultralytics.nn.tasks import DetectionModel, OBBModel, PoseModel, SegmentationModel
+    from ultralytics.utils import LOGGER
 
     kind = {"detect": DetectionModel, "segment": SegmentationModel, "obb": OBBModel, "pose": PoseModel}[task]
     extra = {"data_kpt_shape": tuple(data["kpt_shape"])} if task == "pose" and data.get("kpt_shape") else {}
-    return kind(copy.deepcopy(yaml), nc=int(data["nc"]), verbose=False, **extra)
+    level = LOGGER.level
+    LOGGER.setLevel("WARNING")  # "Overriding model.yaml nc=80 with nc=1": the trainer says it again when it builds
+    try:
+        return kind(copy.deepcopy(yaml), nc=int(data["nc"]), verbose=False, **extra)
+    finally:
+        LOGGER.setLevel(level)
 
 
-def check_transfer(net: Any, weights: str, flag: str, allow_partial: bool) -> tuple[int, int]:
+def check_transfer(
+    net: Any, weights: str, flag: str, allow_partial: bool, remedy: str = TRAIN_REMEDY
+) -> tuple[int, int]:
     """Load `weights` into `net` as Ultralytics' `pretrained=` does and count the tensors it took (equal to the
     checkpoint's after loading). Refused in one line, unless `allow_partial`, when fewer than MIN_TRANSFER of net's
     tensors or not all of its box-head tensors come from the checkpoint: that is another architecture."""
@@ -100,7 +109,6 @@ def check_transfer(net: Any, weights: str, flag: str, allow_partial: bool) -> tu
         raise OptionError(
             f"{typed}: only {len(took)}/{len(dst)} tensors transfer to this architecture"
             + (f" ({missing} of {len(box)} box-head tensors do not)" if missing else "")
-            + "; fine-tune the checkpoint's own architecture with --weights alone (model=X.pt), "
-            "or pass --allow-partial"
+            + f"; {remedy}"
         )
     return len(took), len(dst)

@@ -47,8 +47,8 @@ class SynthSpec:
 
     def check(self) -> None:
         for key in ("train", "val"):
-            if getattr(self, key) < 0:
-                raise ValueError(f"--{key} must be >= 0, got {getattr(self, key)}")
+            if getattr(self, key) < 1:  # an empty split is no dataset: Ultralytics cannot train or validate on it
+                raise ValueError(f"--{key} {getattr(self, key)}: must be an integer >= 1")
         if not 32 <= self.min_size <= self.max_size:
             raise ValueError(f"--imgsz must be MIN,MAX with 32 <= MIN <= MAX, got {self.min_size},{self.max_size}")
 

@@ -168,9 +168,9 @@ def convert_voc(root: str | Path, out: str | Path, workers: int | None = None) -
     return summary
 
 
-def write_voc_yaml(out: Path) -> Path:
-    """out/voc.yaml with absolute paths and no download key."""
-    lines = [f"path: {out}", "train: images/train", "val: images/val", "names:"]
+def write_voc_yaml(out: Path, root: Path | None = None) -> Path:
+    """out/voc.yaml with absolute paths (`root`: where the dataset will be, default `out`) and no download key."""
+    lines = [f"path: {root or out}", "train: images/train", "val: images/val", "names:"]
     lines += [f"  {i}: {name}" for i, name in enumerate(VOC_CLASSES)]
     path = out / "voc.yaml"
     path.write_text("\n".join(lines) + "\n")

@@ -68,11 +68,35 @@ def parse_options(pairs: Sequence[str], flag: str = "--opt") -> dict[str, Any]:
 
 
 def parse_arm(text: str) -> tuple[str, dict[str, Any]]:
-    """'NAME:key=value,key=value' (or 'NAME' alone: the trainer's defaults) → (name, options)."""
+    """'NAME:key=value,key=value' (or 'NAME' alone: the trainer's defaults) → (name, options). A name is a
+    folder-name part (letters, digits, '.', '_', '+', '-'); a key given twice is refused."""
+    import re
+
     name, _, spec = text.partition(":")
-    if not name.strip():
+    name = name.strip()
+    if not name:
         raise ValueError(f"--arm expects NAME:KEY=VALUE[,KEY=VALUE…], got {text!r}")
-    return name.strip(), parse_options([p for p in spec.split(",") if p.strip()], flag="--arm")
+    if not re.fullmatch(r"[A-Za-z0-9_+-][A-Za-z0-9._+-]*", name):
+        raise ValueError(f"--arm {text}: the arm name {name!r} may hold only letters, digits, '.', '_', '+', '-'")
+    pairs = [p for p in spec.split(",") if p.strip()]
+    keys = [p.partition("=")[0].strip() for p in pairs]
+    twice = next((k for i, k in enumerate(keys) if k in keys[:i]), None)
+    if twice is not None:
+        raise ValueError(f"--arm {text}: {twice} given twice")
+    return name, parse_options(pairs, flag="--arm")
+
+
+def parse_arms(specs: Sequence[str], taken: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
+    """--arm texts → {name: options}; a name given twice, or one of the preset's arms (`taken`), is refused
+    (the later arm would silently replace the earlier one)."""
+    arms: dict[str, dict[str, Any]] = {}
+    for text in specs:
+        name, options = parse_arm(text)
+        if name in arms or name in taken:
+            where = "given twice" if name in arms else "already an arm of the preset"
+            raise ValueError(f"--arm {text}: arm {name!r} is {where}; give each arm its own name")
+        arms[name] = options
+    return arms
 
 
 def model_cfg(model: str) -> str:
@@ -236,16 +260,57 @@ def arm_data(cfg: ABConfig, folder: Path) -> str:
     return str(subset_yaml(cfg.data, folder, first, count, cfg.val_images))
 
 
+def check_study(cfg: ABConfig) -> None:
+    """Before anything trains or is written: the data (every image and label), every arm's options, and that each
+    model takes its starting checkpoint (--weights) as `sos-detect train --cfg Y --weights X` requires."""
+    from ultralytics.nn.tasks import yaml_model_load
+
+    from sos_detect.checkpoints import load_detector
+    from sos_detect.detect.data import load_data
+    from sos_detect.detect.models import check_transfer, model_task, task_model
+
+    _, data = load_data(cfg.data)
+    check_arms(cfg)
+    for model, start in cfg.weights.items():
+        source = model_cfg(model)
+        task = model_task(source, "--models")
+        if source.endswith(".pt"):
+            ckpt = load_detector(source, "--models")
+            spec = (ckpt.get("ema") or ckpt["model"]).yaml
+        else:
+            spec = yaml_model_load(source)
+        remedy = "pass --models with the checkpoint's own architecture (or its .pt)"
+        check_transfer(task_model(spec, task, data), start, "--weights", allow_partial=False, remedy=remedy)
+
+
 def check_arms(cfg: ABConfig) -> None:
-    """Every arm's SOS options valid (errors name the arm) before anything trains."""
+    """Every arm's options: each key a training option of Ultralytics or SOS, its value of the right type, the
+    SOS options valid (errors name the arm, or --opt for a common option)."""
+    import difflib
     from types import SimpleNamespace
+
+    from ultralytics.cfg import check_cfg
+    from ultralytics.utils import DEFAULT_CFG_DICT
 
     from sos_detect.detect.trainer import SOS_DEFAULTS, check_sos_args
 
+    known = [*DEFAULT_CFG_DICT, *SOS_DEFAULTS]
     for arm, options in cfg.arms.items():
-        merged = {**SOS_DEFAULTS, **{k: v for k, v in {**cfg.train, **options}.items() if k in SOS_DEFAULTS}}
+        merged = {**cfg.train, **options}
+        for key, value in merged.items():
+            where = f"arm {arm!r}" if key in options else "--opt"
+            if key not in known or key in ("task", "mode", "model", "data", "seed"):
+                close = difflib.get_close_matches(key, known, n=3)
+                hint = f" (similar: {', '.join(close)})" if close else ""
+                raise ValueError(f"{where}: {key}={value}: not a training option an arm can set{hint}")
+            if key not in SOS_DEFAULTS:
+                try:
+                    check_cfg({key: value})
+                except (TypeError, ValueError) as err:
+                    raise ValueError(f"{where}: {str(err).splitlines()[0]}") from None
+        sos = {**SOS_DEFAULTS, **{k: v for k, v in merged.items() if k in SOS_DEFAULTS}}
         try:
-            check_sos_args(SimpleNamespace(**merged))
+            check_sos_args(SimpleNamespace(**sos))
         except ValueError as err:
             raise ValueError(f"arm {arm!r}: {err}") from None
 
@@ -255,7 +320,7 @@ def run_ab(cfg: ABConfig, out: str | Path, name: str = "ab", jobs: int = 1) -> l
     pinned to its share of the cores (reproduce/jobs.py) — and write {name}.md, {name}.csv, the per-model curves
     {name}_curves_MODEL.png and the effect plot {name}_effect.png under `out`; return the written paths. A shared
     pretrained start is trained first, in this process."""
-    check_arms(cfg)
+    check_study(cfg)
     core_shares(jobs)  # a --jobs this machine cannot pin: one line before anything trains
     out = Path(out).resolve()  # Ultralytics puts a relative project under its own runs folder
     out.mkdir(parents=True, exist_ok=True)
@@ -344,15 +409,12 @@ def ab_config(
         cfg = PRESETS[preset]
     else:
         raise ValueError(f"--preset: unknown {preset!r}; choose from {sorted(PRESETS)}")
-    extra = dict(parse_arm(spec) for spec in arm_specs)
+    extra = parse_arms(arm_specs, list(cfg.arms))
     cfg = with_overrides(cfg, data=data, models=models, seeds=seeds, arms=arms, extra_arms=extra, options=options)
     if weights:
         cfg = replace(cfg, weights={m: weights for m in cfg.models}, pretrain=None)
     if cfg.data == FASHION_DET and not Path(FASHION_DET).is_file():
         raise FileNotFoundError(f"{FASHION_DET}: not found; build it with `sos-detect data fashion-det` or pass --data")
-    from sos_detect.detect.data import load_data
-
-    load_data(cfg.data)  # a missing or broken data YAML: one line before anything trains
     return cfg
 
 

@@ -265,7 +265,10 @@ def reproduce_classify(
     seeds = list(defaults["seeds"] if seeds is None else seeds)
     schemes = tuple(defaults["schemes"] if schemes is None else schemes)
     sos_batches = list(defaults["sos_batches"] or []) if sos_batches is None else sos_batches
-    base = replace(PRESETS[preset], **(overrides or {}))
+    overrides = dict(overrides or {})
+    if "data" in overrides:  # the preset's subsets were chosen for its own dataset
+        overrides = {"train_subset": None, "test_subset": None, **overrides}
+    base = replace(PRESETS[preset], **overrides)
     base.check()
     for b in sos_batches or ():
         replace(base, sos_batch=b).check()
