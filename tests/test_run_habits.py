@@ -58,6 +58,10 @@ def test_a_yaml_with_weights_that_do_not_fit_is_refused_unless_asked(tmp_path, c
     assert "Transferred 115/355 items" in res.stdout + res.stderr  # Ultralytics' own count agrees
     same = run_cli("train", "--cfg", "yolov5n.yaml", "--weights", SHIPPED, *TINY_CLI, "--project", tmp_path / "s")
     assert same.returncode == 0 and "Transferred 427/427 items" in same.stdout + same.stderr
+    ab = ["reproduce", "ab", "--data", str(TINY["data"]), "--arm", "base:sos=False", "--weights", str(SHIPPED)]
+    assert main([*ab, "--models", "yolov8n", "--out", str(tmp_path / "ab")]) == 2  # the harness: the same rule
+    err = capsys.readouterr().err
+    assert "only 115/355 tensors transfer" in err and "--models" in err and not (tmp_path / "ab").exists()
 
 
 @pytest.fixture(scope="module")
