@@ -337,7 +337,8 @@ def aggregate(
                 }
             )
             cells = [arm, str(len(per[arm]))]
-            cells += [fmt(*stats[k], scale=METRICS[k][1], digits=2 if METRICS[k][1] == 100 else 4) for k in metrics]
+            digits = {k: 2 if METRICS[k][1] == 100 else 4 for k in metrics}
+            cells += [fmt(*stats[k], METRICS[k][1], digits[k], seeds=len(per[arm])) for k in metrics]
             arm_cells.append(cells + ([f"{ref[arm]:.1f}" if arm in ref else "–"] if ref else []))
         diff_cells = []
         for arm in arms[1:]:
@@ -352,7 +353,7 @@ def aggregate(
                     [
                         arm,
                         k,
-                        fmt(row["mean"], row["std"], scale=scale, digits=2 if scale == 100 else 4),
+                        fmt(row["mean"], row["std"], scale, 2 if scale == 100 else 4, seeds=row["seeds"]),
                         "–"
                         if math.isnan(row["ci_low"])
                         else f"[{row['ci_low'] * scale:+.2f}, {row['ci_high'] * scale:+.2f}]",
@@ -400,17 +401,22 @@ def plot_effects(rows: list[dict[str, Any]], path: Path) -> Path:
     for row_axes, model in zip(axes, models, strict=False):
         for ax, metric in zip(row_axes, ("map50", "map5095"), strict=True):
             mine = [r for r in diffs if r["model"] == model and r["metric"] == metric]
+            intervals = False
             for y, r in enumerate(mine):
                 mean, lo, hi = (100 * float(r[k]) for k in ("mean", "ci_low", "ci_high"))
                 if not math.isnan(lo):
                     ax.plot([lo, hi], [y, y], color="C0", lw=2)
+                    intervals = True
                 ax.plot([mean], [y], "o", color="C0")
+                ax.annotate(f"{mean:+.2f}", (mean, y), xytext=(0, 6), textcoords="offset points", ha="center")
             ax.axvline(0.0, color="0.4", lw=0.8, ls="--")
             ax.set_yticks(range(len(mine)), [r["row"] for r in mine])
             ax.set_ylim(-0.6, len(mine) - 0.4)
             ax.invert_yaxis()
             label = "mAP50" if metric == "map50" else "mAP50-95"
-            ax.set(title=f"{model}: {label}, arm − baseline", xlabel="difference (points): mean, 95 % t-interval")
+            seeds = max((int(r["seeds"]) for r in mine), default=0)
+            what = "mean, 95 % t-interval" if intervals else f"{seeds} seed{'s' * (seeds != 1)}, no interval"
+            ax.set(title=f"{model}: {label}, arm − baseline", xlabel=f"difference (points): {what}")
     return save_figure(fig, path, plt)
 
 

@@ -151,7 +151,9 @@ def aggregate(results: list[dict[str, Any]], paper: dict[str, tuple] | None = No
                 "paper_source": source,
             }
         )
-        cells = [row, str(len(per)), fmt(*stats["top1"]), fmt(*stats["top5"]), fmt(*stats["last_norm"], 1.0, 3)]
+        n = len(per)
+        cells = [row, str(n), fmt(*stats["top1"], seeds=n), fmt(*stats["top5"], seeds=n)]
+        cells.append(fmt(*stats["last_norm"], 1.0, 3, seeds=n))
         if paper:
             ours = stats["top1"][0] * 100 - published
             cells.append("–" if row not in paper else f"{fmt_figure((published, std))} / {ours:+.2f} ({source})")
@@ -171,9 +173,8 @@ def aggregate(results: list[dict[str, Any]], paper: dict[str, tuple] | None = No
                     "per_seed_top1": json.dumps({s: round(d, 5) for s, d in diffs.items()}),
                 }
             )
-            diff_rows.append(
-                [f"{row} − {base}", ", ".join(f"s{s}: {d * 100:+.2f}" for s, d in diffs.items()), fmt(m, sd)]
-            )
+            per_seed = ", ".join(f"s{s}: {d * 100:+.2f}" for s, d in diffs.items())
+            diff_rows.append([f"{row} − {base}", per_seed, fmt(m, sd, seeds=len(diffs))])
     fields = ["row", "seeds"] + sorted({k for r in rows for k in r} - {"row", "seeds"})
     rows = [{k: r.get(k, "") for k in fields} for r in rows]
     header = ["row", "seeds", "test top-1 (%)", "test top-5 (%)", "last-layer norm"]

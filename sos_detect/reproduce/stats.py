@@ -24,9 +24,12 @@ def paired_differences(treated: dict[int, float], control: dict[int, float]) -> 
     return {s: treated[s] - control[s] for s in sorted(set(treated) & set(control))}
 
 
-def fmt(mean: float, std: float, scale: float = 100.0, digits: int = 2) -> str:
+def fmt(mean: float, std: float, scale: float = 100.0, digits: int = 2, seeds: int = 2) -> str:
+    """`mean ± std` scaled; over one seed the mean alone (a sample std needs two), "–" for none."""
     if math.isnan(mean):
         return "–"
+    if seeds < 2:
+        return f"{mean * scale:.{digits}f}"
     return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
 
 
