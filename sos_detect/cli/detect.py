@@ -97,7 +97,6 @@ def cmd_compare(a: argparse.Namespace) -> int:
         raise ValueError(f"--labels: {len(labels)} labels for {len(a.runs)} runs")
     check_output_file(a.out, typed(a, "out"))
     out = increment_path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     data = compare_runs({label: [run] for label, run in zip(labels, a.runs, strict=True)}, out)
     for column, curves in data.items():
         finals = ", ".join(f"{label} {c.values[-1]:.4g}" for label, c in curves.items())

@@ -117,6 +117,7 @@ def compare_runs(
     )
     if title:
         fig.suptitle(title)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_figure(fig, Path(path), plt, rect=(0, (0.5 + 0.25 * (len(labels) // 4)) / (3.3 * nrows + 0.6), 1, 1))
     return data
 

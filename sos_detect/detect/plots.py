@@ -129,8 +129,15 @@ def plot_shift_flatness(before, after, path: str | Path, title: str) -> Path:
     span = max([abs(c) for c in change if not math.isnan(c)] + [1e-6])
     ax.set_xlim(-1.45 * span, 1.45 * span)
     for yi, c in zip(y, change, strict=True):
-        ax.annotate(f"{c:+.3g} %", (c, yi), xytext=(4 if c >= 0 else -4, 0), textcoords="offset points",
-                    ha="left" if c >= 0 else "right", va="center", fontsize=9)
+        ax.annotate(
+            f"{c:+.3g} %",
+            (c, yi),
+            xytext=(4 if c >= 0 else -4, 0),
+            textcoords="offset points",
+            ha="left" if c >= 0 else "right",
+            va="center",
+            fontsize=9,
+        )
     ax.set(title=title, xlabel="change after the shift (%)  —  green: flatter")
     ax.title.set_fontsize(10)
     return save_figure(fig, Path(path), plt)
