@@ -55,6 +55,7 @@ def test_shift_writes_a_loadable_checkpoint_and_keeps_map(tmp_path):
     assert sha(CKPT) == before_hash  # input untouched
     assert sorted(snapshot(tmp_path)) == [str(out)]  # no stray runs/detect/val*
     assert "box.0" in res.stdout and "cls.2" in res.stdout
+    assert res.stdout.index("before:") < res.stdout.index("box.0") < res.stdout.index("after:")  # in the order done
     before, after = map50(res.stdout, "before:"), map50(res.stdout, "after:")
     assert abs(after - before) <= 0.01
     # independent: the written file loads, validates to the printed figure, and its heads are smaller
