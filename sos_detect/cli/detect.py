@@ -211,7 +211,11 @@ def _hessian_parser(sub: argparse._SubParsersAction) -> None:
     h.add_argument("--params", choices=("head", "all"), default="head", help="head output-conv weights, or all")
     add_options(h, (IMAGES, TOP_K, PROBES, replace(SEED, help="image sample and probe seed")))
     h.add_argument("--before-after", action="store_true", help="apply a shift (--sos-*) and report both; saves Fig. 2")
-    h.add_argument("--out", default="runs/sos/hessian", help="folder for the --before-after figure")
+    h.add_argument(
+        "--out",
+        default="runs/sos/hessian",
+        help="folder for the --before-after figure fig2_top_eigenvalues.png (an existing one is kept: -2, -3, …)",
+    )
     add_options(h, sos_options("shift"), "SOS (with --before-after)")
 
 
