@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 
 TRUE = {"1", "true", "yes", "on", "y", "t"}  # what Ultralytics' env_bool reads as true
 
@@ -23,14 +24,22 @@ def _user_threads() -> int | None:
     return int(value) if value.isdigit() and int(value) > 0 else None
 
 
+# torch.func's forward-mode AD (the sensing testbed's exact Hessians) loads torch's own decompositions, which call
+# the deprecated torch.jit.script: torch's internal business, not the user's.
+TORCH_INTERNAL_WARNINGS = (r"`torch\.jit\.script` is deprecated",)
+
+
 def configure(threads: int | None = None) -> int:
     """Offline Ultralytics unless YOLO_OFFLINE is already set, and `threads` torch threads (default: the user's
-    OMP_NUM_THREADS, else all available cores); returns the count.
+    OMP_NUM_THREADS, else all available cores); returns the count. Warnings torch raises about its own internals
+    (`TORCH_INTERNAL_WARNINGS`) are filtered.
 
     Ultralytics resets torch to min(8, cores − 1) threads whenever it selects a CPU device (one thread on
     a 2-core machine); its module constant is set too so that the choice sticks.
     """
     os.environ.setdefault("YOLO_OFFLINE", "1")
+    for message in TORCH_INTERNAL_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
     n = threads or _user_threads() or available_cores()
     os.environ.setdefault("OMP_NUM_THREADS", str(n))
     import torch

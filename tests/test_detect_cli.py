@@ -31,12 +31,14 @@ def map50(text: str, label: str) -> float:
 
 
 def test_val_reproduces_the_checkpoints_own_metrics(tmp_path):
-    """No --imgsz, --batch, --data: the checkpoint's own (320 px, batch 8, the tree data), said on the first line;
-    no numpy warning, no runs/detect/val folder in the working folder."""
+    """No --imgsz, --batch, --data: the checkpoint's own (320 px, the tree data) and twice its batch 8, as its
+    training validated, said on the first line; no numpy warning, no runs/detect/val folder in the working folder."""
     res = cli("val", "--weights", CKPT, "--device", "cpu", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     first = res.stdout.splitlines()[0]
-    assert first.startswith("val: imgsz 320 (the checkpoint's), batch 8 (the checkpoint's), data ")
+    assert first.startswith(
+        "val: imgsz 320 (the checkpoint's), batch 16 (2 × the checkpoint's 8, as its training validated), data "
+    )
     assert first.endswith("(the checkpoint's: the embedded tree dataset)")
     printed = float(re.search(r"mAP50 ([0-9.]+)", res.stdout).group(1))
     stored = torch_load(CKPT, map_location="cpu")["train_metrics"]["metrics/mAP50(B)"]
@@ -53,6 +55,7 @@ def test_shift_writes_a_loadable_checkpoint_and_keeps_map(tmp_path):
     assert sha(CKPT) == before_hash  # input untouched
     assert sorted(snapshot(tmp_path)) == [str(out)]  # no stray runs/detect/val*
     assert "box.0" in res.stdout and "cls.2" in res.stdout
+    assert res.stdout.index("before:") < res.stdout.index("box.0") < res.stdout.index("after:")  # in the order done
     before, after = map50(res.stdout, "before:"), map50(res.stdout, "after:")
     assert abs(after - before) <= 0.01
     # independent: the written file loads, validates to the printed figure, and its heads are smaller
@@ -68,7 +71,8 @@ def test_shift_writes_a_loadable_checkpoint_and_keeps_map(tmp_path):
 
 
 def test_val_uses_the_checkpoints_own_settings(tmp_path):
-    """imgsz, batch and data from the checkpoint's train args (here 160 px, batch 4, a copy of the tree data YAML)."""
+    """imgsz, data and twice the batch from the checkpoint's train args (here 160 px, batch 4, a copy of the tree
+    data YAML)."""
     ckpt = torch_load(CKPT, map_location="cpu")
     data = tmp_path / "trees.yaml"
     data.write_text(
@@ -81,13 +85,28 @@ def test_val_uses_the_checkpoints_own_settings(tmp_path):
     res = cli("val", "--weights", tmp_path / "ck.pt", "--device", "cpu", cwd=work)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.splitlines()[0] == (
-        f"val: imgsz 160 (the checkpoint's), batch 4 (the checkpoint's), data {data} (the checkpoint's)"
+        f"val: imgsz 160 (the checkpoint's), batch 8 (2 × the checkpoint's 4, as its training validated), "
+        f"data {data} (the checkpoint's)"
     )
     metrics = YOLO(str(tmp_path / "ck.pt")).val(
-        data=str(data), imgsz=160, batch=4, device="cpu", plots=False, verbose=False, project=str(tmp_path / "v")
+        data=str(data), imgsz=160, batch=8, device="cpu", plots=False, verbose=False, project=str(tmp_path / "v")
     )
     assert map50(res.stdout, f"{tmp_path / 'ck.pt'}:") == pytest.approx(float(metrics.box.map50), abs=1e-4)
     assert snapshot(work) == {}
+
+
+def test_val_of_best_pt_prints_the_runs_final_validation(tmp_path):
+    """One mAP per checkpoint: `val --weights best.pt` gives the figures the run's final validation printed (both
+    validate the fp16-stored EMA at twice the training batch); results.csv's row of that epoch is the EMA's before the
+    fp16 save."""
+    res = cli("train", "--weights", CKPT, "--epochs", "2", "--imgsz", "160", "--project", tmp_path, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    final = re.search(r"Final validation \((.+best\.pt)\): mAP50 ([0-9.]+)  mAP50-95 ([0-9.]+)", res.stdout)
+    assert final and float(final.group(2)) > 0.02, res.stdout[-2000:]
+    val = cli("val", "--weights", final.group(1), "--device", "cpu", cwd=tmp_path)
+    assert val.returncode == 0, val.stderr[-2000:]
+    printed = re.search(r"best\.pt: mAP50 ([0-9.]+)  mAP50-95 ([0-9.]+)", val.stdout)
+    assert printed.groups() == final.groups()[1:]
 
 
 def one_line_error(res, *needles):

@@ -9,6 +9,16 @@ import argparse
 
 from sos_detect.cli.options import command, resolve_device, torch_device
 
+# Defaults per dataset where TrainConfig's (the paper's CIFAR setting: resnet18, lr 0.1, 200 epochs) do not suit it.
+# digits (8×8, 1,437 training images): the 64-64 MLP reaches 97.6 % top-1 in 30 epochs (4 s on one core), where
+# resnet18's CIFAR stem at lr 0.1 showed test loss 3.5e6 and top-1 0.10 after its first epoch. Fashion-MNIST: the
+# mini preset's small CNN, batch and learning rate (89.2 % top-1 after 30 epochs, README). Paper-mode SOS needs
+# b below the last layer's width to change anything: b = half of it (64 → 32, 128 → 64), as 300 of 512 in the paper.
+DATA_DEFAULTS = {
+    "digits": {"model": "mlp", "epochs": 30, "sos_batch": 32},
+    "fashion-mnist": {"model": "smallcnn", "epochs": 30, "batch_size": 128, "lr": 0.05, "sos_batch": 64},
+}
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     c = sub.add_parser("classify", help="classification companion: SGD/SAM/NSO with and without SOS")
@@ -35,8 +45,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _common_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
-        help="resnet18 (default), resnet50, vgg16_bn, densenet201 (CIFAR stems), resnet50_imagenet, "
-        "shufflenet_v2_x1_0, shufflenet_v2_x2_0 (the paper's Table 2 ShuffleNet), resnext50_32x4d, smallcnn, mlp",
+        help="resnet18, resnet50, vgg16_bn, densenet201 (CIFAR stems), resnet50_imagenet, shufflenet_v2_x1_0, "
+        "shufflenet_v2_x2_0 (the paper's Table 2 ShuffleNet), resnext50_32x4d, smallcnn, mlp (default: mlp for digits, "
+        "smallcnn for fashion-mnist, else resnet18)",
     )
     p.add_argument("--data", help="cifar100 (default), cifar10, imagefolder, fashion-mnist, digits")
     p.add_argument(
@@ -51,12 +62,21 @@ def _common_flags(p: argparse.ArgumentParser) -> None:
         "Fashion-MNIST 28, CIFAR 32, an ImageFolder's first image) up to 64. ImageFolder at ≤ 64: resize, "
         "padded random crop + flip; above: RandomResizedCrop + flip, evaluation Resize(imgsz/0.875) + CenterCrop",
     )
-    p.add_argument("--batch", type=int, help="batch size (default 64); evaluation and SOS capture use twice it")
+    p.add_argument(
+        "--batch",
+        type=int,
+        help="batch size (default 128 for fashion-mnist, else 64); evaluation and SOS capture use twice it",
+    )
     p.add_argument("--weights", help="local weights file (state dict); never downloaded")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     p.add_argument("--sos-mode", help="paper (default): τ = 0 on --sos-batch samples; guarded: budget τ")
-    p.add_argument("--sos-batch", type=int, help="b, samples per paper-mode shift (default 300)")
+    p.add_argument(
+        "--sos-batch",
+        type=int,
+        help="b, samples per paper-mode shift, below the last layer's width (default 32 for digits, 64 for "
+        "fashion-mnist, else 300)",
+    )
     p.add_argument("--sos-tau", type=float, help="guarded mode's output-change budget (default 1e-4)")
     p.add_argument("--sos-samples", type=int, help="guarded mode: samples captured per shift (default 2048)")
     p.add_argument("--train-subset", type=int, help="use this many training samples")
@@ -71,8 +91,8 @@ def _train_flags(ct: argparse.ArgumentParser) -> None:
         help="shift during training; off by default here (Algorithm 1 is opt-in), on by default in sos-detect train",
     )
     ct.add_argument("--sos-every", type=int, help="shift every N epochs (default 1)")
-    ct.add_argument("--epochs", type=int, help="epochs (default 200)")
-    ct.add_argument("--lr", type=float, help="learning rate (default 0.1)")
+    ct.add_argument("--epochs", type=int, help="epochs (default 30 for digits and fashion-mnist, else 200)")
+    ct.add_argument("--lr", type=float, help="learning rate (default 0.05 for fashion-mnist, else 0.1)")
     ct.add_argument("--weight-decay", type=float, help="weight decay (default 5e-4)")
     ct.add_argument("--schedule", help="step (default; ÷10 at 50 %% and 75 %%) or cosine")
     ct.add_argument("--rho", type=float, help="SAM radius (default 0.05)")
@@ -116,7 +136,10 @@ def _config(a: argparse.Namespace):
         return resume_config(
             a.resume, given.get("project", TrainConfig.project), given.get("name", TrainConfig.name), given
         )
-    return TrainConfig(**given)
+    defaults = DATA_DEFAULTS.get(given.get("data", TrainConfig.data), {})
+    if "epochs" not in vars(a):  # classify shift trains nothing
+        defaults = {k: v for k, v in defaults.items() if k not in ("epochs", "lr")}
+    return TrainConfig(**{**defaults, **given})
 
 
 def cmd_classify_train(a: argparse.Namespace) -> int:

@@ -85,22 +85,36 @@ def _compare_parser(sub: argparse._SubParsersAction) -> None:
         help="overlay per-epoch mAP50, mAP50-95, head norm and Hessian traces of runs, shift epochs marked",
     )
     cp.add_argument("runs", nargs="+", metavar="RUN", help="Ultralytics run folders (with results.csv)")
-    cp.add_argument("--labels", default=None, help="comma-separated legend labels (default: the folder names)")
-    cp.add_argument("--out", default="compare.png", help="PNG to write (default compare.png)")
+    cp.add_argument(
+        "--labels",
+        default=None,
+        help="comma-separated legend labels (default: each folder with the training arguments of its args.yaml "
+        "that differ between the runs, e.g. 'train-2: sos=False')",
+    )
+    cp.add_argument(
+        "--out",
+        default="runs/compare/compare.png",
+        help="PNG to write (default runs/compare/compare.png); an existing file is kept and the next free name "
+        "(compare-2.png, …) is written",
+    )
 
 
 def cmd_compare(a: argparse.Namespace) -> int:
+    from ultralytics.utils.files import increment_path
+
     from sos_detect.detect.compare import compare_runs, run_labels
 
     check_figure_file(a.out, typed(a, "out"))
     labels = a.labels.split(",") if a.labels else run_labels(a.runs)
     if len(labels) != len(a.runs):
         raise ValueError(f"--labels: {len(labels)} labels for {len(a.runs)} runs")
-    data = compare_runs({label: [run] for label, run in zip(labels, a.runs, strict=True)}, a.out)
+    check_output_file(a.out, typed(a, "out"))
+    out = increment_path(a.out)
+    data = compare_runs({label: [run] for label, run in zip(labels, a.runs, strict=True)}, out)
     for column, curves in data.items():
         finals = ", ".join(f"{label} {c.values[-1]:.4g}" for label, c in curves.items())
-        print(f"{column} (last epoch): {finals}")
-    print(f"written: {a.out}")
+        print(f"{column} (last epoch's validation, EMA weights): {finals}")
+    print(f"written: {out}" + (f" ({a.out} exists and is kept)" if str(out) != str(a.out) else ""))
     return 0
 
 
@@ -142,7 +156,9 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     )
     add_options(t, (EPOCHS, SEED, replace(IMGSZ, default=320), TRAIN_BATCH))
     t.add_argument("--project", default="runs/sos", help="output root")
-    t.add_argument("--name", default="train", help="run name; an existing run is never overwritten (train2, …)")
+    t.add_argument(
+        "--name", default="train", help="run name; an existing run is never overwritten (train-2, train-3, …)"
+    )
     t.add_argument(
         "--resume",
         nargs="?",
@@ -165,13 +181,13 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _reuse_parser(
-    sub: argparse._SubParsersAction, cmd: str, run, help: str, description: str
+    sub: argparse._SubParsersAction, cmd: str, run, help: str, description: str, batch: Option = CKPT_BATCH
 ) -> argparse.ArgumentParser:
     """A command that reads a trained checkpoint: --weights (model=), --data, image size, batch and device."""
     p = command(sub, cmd, run, help=help, description=description, aliases={"model": "weights"}, required=["weights"])
     p.add_argument("--weights", default=None, help="checkpoint .pt (required; Ultralytics' model=)")
     p.add_argument("--data", default=None, help=CKPT_DATA_HELP)
-    add_options(p, (CKPT_IMGSZ, CKPT_BATCH))
+    add_options(p, (CKPT_IMGSZ, batch))
     add_device(p)
     return p
 
@@ -182,7 +198,10 @@ def _val_parser(sub: argparse._SubParsersAction) -> None:
         "val",
         cmd_val,
         "evaluate a checkpoint: mAP50 and mAP50-95",
-        "mAP50 and mAP50-95 (Ultralytics, 101-point) at the checkpoint's image size unless --imgsz is given.",
+        "mAP50 and mAP50-95 (Ultralytics, 101-point) at the checkpoint's image size and at twice its batch, as its "
+        "training validated (validation batches are padded per batch, which moves mAP in the 4th digit), so that "
+        "best.pt gives the figure its run's final validation printed.",
+        batch=replace(CKPT_BATCH, help="batch size (default: twice the checkpoint's, as its run validated; else 16)"),
     )
     v.add_argument("--voc07", action="store_true", help="also VOC2007 11-point AP per class, difficult ignored")
     v.add_argument("--coco", action="store_true", help="also write COCO-format JSON and evaluate with pycocotools")
@@ -201,7 +220,9 @@ def _shift_parser(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(cli_required=("weights", "out"))
     s.add_argument("--out", default=None, help="output checkpoint .pt (required; never the input)")
     add_options(s, (replace(SEED, help="capture-sample seed"),))
-    add_options(s, sos_options("shift", "capture"), "SOS")
+    images = "training images (sampled with --seed) whose eval-mode head inputs the shift is solved on"
+    shift_options = (replace(o, help=images) if o.key == "sos_images" else o for o in sos_options("shift", "capture"))
+    add_options(s, tuple(shift_options), "SOS")
 
 
 def _hessian_parser(sub: argparse._SubParsersAction) -> None:
@@ -217,7 +238,11 @@ def _hessian_parser(sub: argparse._SubParsersAction) -> None:
     h.add_argument("--params", choices=("head", "all"), default="head", help="head output-conv weights, or all")
     add_options(h, (IMAGES, TOP_K, PROBES, replace(SEED, help="image sample and probe seed")))
     h.add_argument("--before-after", action="store_true", help="apply a shift (--sos-*) and report both; saves Fig. 2")
-    h.add_argument("--out", default="runs/sos/hessian", help="folder for the --before-after figure")
+    h.add_argument(
+        "--out",
+        default="runs/sos/hessian",
+        help="folder for the --before-after figure fig2_top_eigenvalues.png (an existing one is kept: -2, -3, …)",
+    )
     add_options(h, sos_options("shift"), "SOS (with --before-after)")
 
 
@@ -400,6 +425,8 @@ def _open_checkpoint(a: argparse.Namespace) -> tuple[dict[str, Any], str, dict[s
             ok = isinstance(value, int) and value >= (32 if key == "imgsz" else 1)
             setattr(a, key, value if ok else fallback)
             sources[key] = "the checkpoint's" if ok else "default"
+            if ok and key == "batch" and a.command == "val":  # rect batches pad per batch: the batch moves mAP
+                a.batch, sources[key] = 2 * value, f"2 × the checkpoint's {value}, as its training validated"
     data_arg, data_typed, source = _data_choice(a, stored.get("data"))
     data_yaml, data = load_data(data_arg, data_typed, task=task)
     used = [f"imgsz {a.imgsz} ({sources.get('imgsz', 'given')})", f"batch {a.batch} ({sources.get('batch', 'given')})"]
@@ -497,6 +524,7 @@ def cmd_shift(a: argparse.Namespace) -> int:
     _check_rows(a, ckpt)
     _check_image_count(a, "sos_images", data)
     before = _validate(a.weights, data_yaml, a, device)
+    print(f"before: mAP50 {before[0]:.4f}  mAP50-95 {before[1]:.4f}")
     shift = {k.removeprefix("sos_"): getattr(a, k) for k in ("sos_mode", "sos_tau", "sos_rows", "sos_images")}
     reports, written = shift_checkpoint(
         ckpt,
@@ -513,7 +541,6 @@ def cmd_shift(a: argparse.Namespace) -> int:
     )
     for key, report in reports.items():
         print(f"[{key}]\n{report.format()}")
-    print(f"before: mAP50 {before[0]:.4f}  mAP50-95 {before[1]:.4f}")
     if written is None:
         print("a shift was rolled back; no checkpoint written", file=sys.stderr)
         return 1
@@ -545,8 +572,10 @@ def cmd_hessian(a: argparse.Namespace) -> int:
 
 
 def _shift_and_measure(a: argparse.Namespace, model: Any, batches: list, device: Any, kw: dict, before: Any) -> None:
+    from ultralytics.utils.files import increment_path
+
     from sos_detect.detect.flatness import measure_flatness
-    from sos_detect.detect.plots import plot_eigenvalues
+    from sos_detect.detect.plots import plot_shift_flatness
     from sos_detect.detect.shifting import shift_detector
 
     report = shift_detector(
@@ -565,7 +594,12 @@ def _shift_and_measure(a: argparse.Namespace, model: Any, batches: list, device:
     after = measure_flatness(model, batches, device, **kw)
     _print_flatness("after", after)
     Path(a.out).mkdir(parents=True, exist_ok=True)
-    fig = plot_eigenvalues(before.eigenvalues, after.eigenvalues, Path(a.out) / "fig2_top_eigenvalues.png")
+    mode = f"guarded shift, τ = {a.sos_tau:g}" if a.sos_mode == "guarded" else f"paper-mode shift, rows {a.sos_rows}"
+    title = (
+        f"Hessian of the {a.params} block around a {mode}\n{Path(a.weights).name}, {a.images} training images; "
+        f"head norm ×{report.norm_ratio:.4f}"
+    )
+    fig = plot_shift_flatness(before, after, increment_path(Path(a.out) / "fig2_top_eigenvalues.png"), title)
     print(f"Figure 2: {fig}")
 
 

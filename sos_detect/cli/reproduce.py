@@ -35,8 +35,9 @@ def _table5_parser(rsub: argparse._SubParsersAction) -> None:
         "table5",
         cmd_table5,
         help="YOLO on VOC with and without SOS (Table 5), paired by seed, resumable",
-        description="Trains a baseline and an SOS arm per model and seed and writes table5.md, "
-        "table5.csv and table5.png. Finished arms are never retrained.",
+        description="Trains a baseline and SOS arms per model and seed (the A/B harness) and writes table5.md, "
+        "table5.csv, table5_effect.png (each arm's paired difference to the baseline) and table5_curves_MODEL.png "
+        "(per-epoch curves). Finished arms are never retrained.",
     )
     t5.add_argument(
         "--preset",
@@ -68,7 +69,8 @@ def _ab_parser(rsub: argparse._SubParsersAction) -> None:
         description="Trains every arm for every seed (the first arm is the baseline) and writes ab.md / ab.csv "
         "(mean ± std per arm; paired differences with a 95 % t-interval, the minimum detectable effect at 80 % power, "
         "the paired t-test's p Holm-corrected across arms × metrics, and an exact sign test), the per-epoch "
-        "curves and the effect plot. Finished runs are reused only with the same settings; interrupted ones resume.",
+        "curves ab_curves_MODEL.png and the effect plot ab_effect.png. Finished runs are reused only with the same "
+        "settings; interrupted ones resume.",
     )
     ab.add_argument(
         "--preset",

@@ -12,6 +12,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sos_detect.detect.plots import pyplot, read_results, save_figure, shift_epochs, trace_columns, trace_label
 from sos_detect.reproduce.stats import mean_std
@@ -124,12 +125,35 @@ def compare_runs(
     )
     if title:
         fig.suptitle(title)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_figure(fig, Path(path), plt, rect=(0, (0.5 + 0.25 * (len(labels) // 4)) / (3.3 * nrows + 0.6), 1, 1))
     return data
 
 
+# Training arguments that name or place a run rather than change what it trains.
+NOT_DIFFERENCES = {"name", "project", "save_dir", "exist_ok", "resume", "device", "workers", "verbose", "plots"}
+
+
+def run_args(run: str | Path) -> dict[str, Any]:
+    """A run's training arguments (its args.yaml); {} when it has none."""
+    import yaml
+
+    path = Path(run) / "args.yaml"
+    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+
+
 def run_labels(runs: Sequence[str | Path]) -> list[str]:
-    """A short unique label per run folder: its name, or parent/name where names repeat."""
+    """A legend label per run saying what differs between the runs: `folder: KEY=VALUE, …` for the training
+    arguments (args.yaml) whose values differ (at most 3 shown), the folder alone where none differ. Folders are
+    parent/name where names repeat."""
     paths = [Path(r).resolve() for r in runs]
     names = [p.name for p in paths]
-    return [p.name if names.count(p.name) == 1 else f"{p.parent.name}/{p.name}" for p in paths]
+    folders = [p.name if names.count(p.name) == 1 else f"{p.parent.name}/{p.name}" for p in paths]
+    args = [run_args(p) for p in paths]
+    keys = [k for k in dict.fromkeys(k for a in args for k in a) if k not in NOT_DIFFERENCES]
+    differ = [k for k in keys if len({repr(a.get(k)) for a in args}) > 1] if len(runs) > 1 else []
+    labels = []
+    for folder, a in zip(folders, args, strict=True):
+        shown = [f"{k}={a.get(k)}" for k in differ[:3]] + (["…"] if len(differ) > 3 else [])
+        labels.append(f"{folder}: {', '.join(shown)}" if shown else folder)
+    return labels

@@ -60,7 +60,8 @@ def trace_label(column: str) -> str:
 
 
 def plot_run(save_dir: str | Path) -> list[Path]:
-    """Write sos_trace.png, sos_head_norm.png and sos_shift_loss.png where the run logged the data."""
+    """Write sos_trace.png, sos_head_norm.png (runs that shifted) and sos_shift_loss.png where the run logged the
+    data."""
     save_dir = Path(save_dir)
     written: list[Path] = []
     cols = read_results(save_dir)
@@ -77,14 +78,13 @@ def plot_run(save_dir: str | Path) -> list[Path]:
             ax.set(title=f"Hessian trace, {trace_label(key)} (EMA)", xlabel="epoch", ylabel="tr(H) ± std. error")
         written.append(save_figure(fig, save_dir / "sos_trace.png", plt))
     norms = cols.get("sos/head_norm", [])
-    if any(not math.isnan(v) for v in norms):
+    shifted = set(shift_epochs(save_dir))
+    if shifted and any(not math.isnan(v) for v in norms):  # a run without shifts (--no-sos) has nothing to show
         fig, ax = plt.subplots(figsize=(4.5, 3.4))
         ax.plot(epochs, norms, marker="o", ms=4, color="C0")
-        shifted = set(shift_epochs(save_dir))
         marks = [(e, v) for e, v in zip(epochs, norms, strict=True) if int(e) in shifted]
-        if marks:
-            ax.plot(*zip(*marks, strict=True), "v", color="C3", ms=6, label="after a shift")
-            ax.legend()
+        ax.plot(*zip(*marks, strict=True), "v", color="C3", ms=6, label="after a shift")
+        ax.legend()
         ax.set(title="head output-conv weight norm (EMA)", xlabel="epoch", ylabel="‖W‖ (Frobenius)")
         written.append(save_figure(fig, save_dir / "sos_head_norm.png", plt))
     log = save_dir / "sos_log.jsonl"
@@ -114,15 +114,32 @@ def relative_change(before: float, after: float) -> float:
     return (after - before) / before if before else math.nan
 
 
-def plot_eigenvalues(before: list[float], after: list[float], path: str | Path) -> Path:
-    """Fig 2: the top Hessian eigenvalues before and after a shift."""
+def plot_shift_flatness(before, after, path: str | Path, title: str) -> Path:
+    """Fig 2 as a change: (after − before) / before in % of every top Hessian eigenvalue and trace measured around a
+    shift (`Flatness` objects), one bar each, labelled with its value and the two absolute figures."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(4.5, 3.2))
-    idx = range(1, len(before) + 1)
-    ax.bar([i - 0.2 for i in idx], before, width=0.4, label="before SOS")
-    ax.bar([i + 0.2 for i in idx], after, width=0.4, label="after SOS")
-    ax.set(title="top Hessian eigenvalues", xlabel="rank", ylabel="eigenvalue", xticks=list(idx))
-    ax.legend()
+    rows = [(f"λ{i}", b, a) for i, (b, a) in enumerate(zip(before.eigenvalues, after.eigenvalues, strict=True), 1)]
+    rows += [(f"tr(H) {k}", before.traces[k].value, after.traces[k].value) for k in before.traces]
+    change = [100.0 * relative_change(b, a) for _, b, a in rows]
+    fig, ax = plt.subplots(figsize=(6.4, 0.5 * len(rows) + 1.6))
+    y = list(range(len(rows)))[::-1]
+    ax.barh(y, change, color=["C2" if c < 0 else "C3" for c in change], height=0.6)
+    ax.axvline(0.0, color="0.3", lw=0.8)
+    ax.set_yticks(y, [f"{n}: {b:#.4g} → {a:#.4g}" for n, b, a in rows])
+    span = max([abs(c) for c in change if not math.isnan(c)] + [1e-6])
+    ax.set_xlim(-1.45 * span, 1.45 * span)
+    for yi, c in zip(y, change, strict=True):
+        ax.annotate(
+            f"{c:+.3g} %",
+            (c, yi),
+            xytext=(4 if c >= 0 else -4, 0),
+            textcoords="offset points",
+            ha="left" if c >= 0 else "right",
+            va="center",
+            fontsize=9,
+        )
+    ax.set(title=title, xlabel="change after the shift (%)  —  green: flatter")
+    ax.title.set_fontsize(10)
     return save_figure(fig, Path(path), plt)
 
 
@@ -134,6 +151,6 @@ def save_figure(fig, path: Path, plt, rect: tuple[float, float, float, float] | 
         if ax.get_xlabel() == "epoch":
             ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     fig.tight_layout(rect=rect)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # nothing drawn outside the axes is clipped
     plt.close(fig)
     return path

@@ -262,6 +262,27 @@ def markdown(results: list[dict[str, Any]], rows: list[dict[str, Any]], corr: li
     return "\n\n".join(parts)
 
 
+# How each method is drawn: legend label, colour, marker. Hollow markers of distinct shapes, so that methods ending at
+# the same point (SAM with a tiny ρ on GD, say) stay visible on top of each other.
+METHOD_STYLE = {
+    "gd": ("GD (the origin of the top row)", "black", "o"),
+    "gd+os": ("GD + optimum shifting, τ = 0 (periodic)", "C1", "s"),
+    "gd+os_tau": ("GD + guarded optimum shifting (τ tuned)", "C2", "D"),
+    "gd+noise": ("GD + noise injection (σ tuned)", "C3", "v"),
+    "nso": ("NSO (σ tuned)", "C0", "^"),
+    "sam": ("SAM (ρ tuned)", "C5", "P"),
+    "posthoc_os": ("GD, then one shift, τ = 0", "C6", "x"),
+    "posthoc_os_tau": ("GD, then one guarded shift (τ tuned)", "C7", "+"),
+}
+
+
+def case_title(config: dict[str, Any]) -> str:
+    """A case's problem in words: d×d ground truth of rank r, n measurements, depth L, initial scale α."""
+    c = config
+    size = f"{c['d']}×{c['d']}, rank {c['r']}, {c['n']} measurements"
+    return f"{size}\ndepth {c['depth']}, initial scale α = {c['init']:g}"
+
+
 def plot(results: list[dict[str, Any]], path: Path) -> None:
     """Per case, one point per method and seed: test error against tr(H), both as differences from GD on the same
     seed (the problem-to-problem spread removed; GD is the origin), and tr(H) against ‖X‖_*."""
@@ -271,14 +292,22 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = list(dict.fromkeys(r["method"] for res in results for r in res["records"]))
-    colours = {n: plt.get_cmap("tab10")(i % 10) for i, n in enumerate(names)}
-    fig, axes = plt.subplots(2, len(results), figsize=(4.4 * len(results), 8.2), squeeze=False)
+    fig, axes = plt.subplots(2, len(results), figsize=(max(4.4 * len(results), 6.4), 8.2), squeeze=False)
     for col, res in enumerate(results):
         gd = {r["seed"]: r for r in res["records"] if r["method"] == "gd"}
         top, bottom = axes[0, col], axes[1, col]
         for name in names:
             recs = [r for r in res["records"] if r["method"] == name]
-            style = dict(color=colours[name], label=name, s=24, marker="x" if name.startswith("posthoc") else "o")
+            label, colour, marker = METHOD_STYLE.get(name, (name, "0.4", "o"))
+            filled = marker in "x+"  # line markers have no face
+            style = dict(
+                label=label,
+                marker=marker,
+                s=40,
+                linewidths=1.2,
+                edgecolors=None if filled else colour,
+                facecolors=colour if filled else "none",
+            )
             top.scatter(
                 [r["trace"] - gd[r["seed"]]["trace"] for r in recs],
                 [r["test_error"] - gd[r["seed"]]["test_error"] for r in recs],
@@ -287,12 +316,24 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
             bottom.scatter([r["nuclear"] for r in recs], [r["trace"] for r in recs], **style)
         top.axhline(0, color="0.7", lw=0.8)
         top.axvline(0, color="0.7", lw=0.8)
-        top.set(title=res["case"], xlabel="tr(H) − GD's (same seed)", ylabel="test error − GD's (same seed)")
+        top.set(title=case_title(res["key"]["config"]), xlabel="tr(H) − GD's (same seed)")
+        top.set_ylabel("test error − GD's (same seed)")
         bottom.set(xlabel="‖X‖_* (nuclear norm)", ylabel="tr(H)")
     handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(names), fontsize=9, frameon=False)
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
-    fig.savefig(path, dpi=110)
+    seeds = sorted({r["seed"] for res in results for r in res["records"]})
+    fig.legend(
+        handles,
+        labels,
+        loc="upper center",
+        bbox_to_anchor=(0.5, 0.0),
+        ncol=2 if len(results) < 3 else 4,
+        fontsize=9,
+        frameon=False,
+        title=f"one point per method and seed ({len(seeds)} seeds); top row: below 0 = lower test error than GD",
+        title_fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # the legend below the axes is inside the image
     plt.close(fig)
 
 
