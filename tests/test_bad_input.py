@@ -89,7 +89,8 @@ def cases(d, nan_name, first_corrupt, ro):
         ),
         (
             ["train", "--weights", d / "cls.pt"],
-            f"--weights {d / 'cls.pt'}: a YOLO classification checkpoint (ClassificationModel), not a detector; {need}",
+            f"--weights {d / 'cls.pt'}: a YOLO classification checkpoint (ClassificationModel), not a detector "
+            f"(classifiers: sos-detect classify); {need}",
         ),
         (["shift", "--weights", d / "state.pt", "--out", "o.pt"], f"--weights {d / 'state.pt'}: a state dict ("),
         (["val", "--weights", d / "random.pt"], f"--weights {d / 'random.pt'}: not a PyTorch checkpoint ("),
