@@ -135,7 +135,7 @@ def test_frozen_head_convs_are_not_shifted(tmp_path):
     assert not torch.equal(end["box.0"].weight, trainer.start["box.0"])
 
 
-def test_plain_ultralytics_resume_is_visible_in_the_results(tmp_path):
+def test_plain_ultralytics_resume_is_visible_in_the_results(tmp_path, capsys):
     from ultralytics.models.yolo.detect import DetectionTrainer
 
     class Stop(Exception):
@@ -156,6 +156,10 @@ def test_plain_ultralytics_resume_is_visible_in_the_results(tmp_path):
     rows = list(csv.reader((tmp_path / "p" / "results.csv").read_text().splitlines()))
     header = [c.strip() for c in rows[0]]
     assert "sos/shifted" in header and len(rows[1]) == len(header) and len(rows[2]) < len(header)
+    out = tmp_path / "c.png"
+    assert main(["compare", str(tmp_path / "p"), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"{tmp_path / 'p'}: epochs 2–2 trained without SOS" in printed and out.stat().st_size > 0
 
 
 class Steps(SOSDetectionTrainer):

@@ -103,6 +103,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
     from ultralytics.utils.files import increment_path
 
     from sos_detect.detect.compare import compare_runs, run_labels
+    from sos_detect.detect.plots import epochs_without_sos
 
     check_figure_file(a.out, typed(a, "out"))
     labels = a.labels.split(",") if a.labels else run_labels(a.runs)
@@ -111,6 +112,12 @@ def cmd_compare(a: argparse.Namespace) -> int:
     check_output_file(a.out, typed(a, "out"))
     out = increment_path(a.out)
     data = compare_runs({label: [run] for label, run in zip(labels, a.runs, strict=True)}, out)
+    for run in a.runs:
+        if plain := epochs_without_sos(run):
+            print(
+                f"{run}: epochs {plain[0]}–{plain[-1]} trained without SOS (a plain Ultralytics resume; "
+                "`sos-detect train --resume` keeps SOS)"
+            )
     for column, curves in data.items():
         finals = ", ".join(f"{label} {c.values[-1]:.4g}" for label, c in curves.items())
         print(f"{column} (last epoch's validation, EMA weights): {finals}")

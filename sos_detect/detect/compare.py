@@ -10,11 +10,19 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sos_detect.detect.plots import pyplot, read_results, save_figure, shift_epochs, trace_columns, trace_label
+from sos_detect.detect.plots import (
+    epochs_without_sos,
+    pyplot,
+    read_results,
+    save_figure,
+    shift_epochs,
+    trace_columns,
+    trace_label,
+)
 from sos_detect.reproduce.stats import mean_std
 
 PANELS = {
@@ -34,6 +42,7 @@ class Curve:
     error: list[float]
     shifts: list[int]
     runs: int
+    without_sos: list[int] = field(default_factory=list)  # epochs a plain Ultralytics resume trained
 
 
 def group_curve(runs: Sequence[Path], column: str) -> Curve | None:
@@ -56,7 +65,8 @@ def group_curve(runs: Sequence[Path], column: str) -> Curve | None:
         error.append(std)
     if not epochs:
         return None
-    return Curve(epochs, values, error, [e for e in shift_epochs(runs[0]) if e in set(epochs)], len(runs))
+    plain = [e for e in epochs_without_sos(runs[0]) if e in set(epochs)]
+    return Curve(epochs, values, error, [e for e in shift_epochs(runs[0]) if e in set(epochs)], len(runs), plain)
 
 
 def compare_runs(
@@ -111,11 +121,17 @@ def compare_runs(
             marks = [(e, v) for e, v in zip(c.epochs, c.values, strict=True) if e in set(c.shifts)]
             if marks:
                 ax.plot(*zip(*marks, strict=True), "v", color=colour, ms=7, ls="none")
+            plain = [(e, v) for e, v in zip(c.epochs, c.values, strict=True) if e in set(c.without_sos)]
+            if plain:
+                ax.plot(*zip(*plain, strict=True), "x", color=colour, ms=8, mew=2, ls="none")
         head, ylabel = PANELS.get(column, (f"Hessian trace, {trace_label(column)}", "tr(H)"))
         ax.set(title=head, xlabel="epoch", ylabel=ylabel)
     handles, labels = axes[0][0].get_legend_handles_labels()
     (marker,) = axes[0][0].plot([], [], "v", color="0.3", ls="none")
     notes = ["validated after a shift"]
+    if any(c.without_sos for curves in data.values() for c in curves.values()):
+        (cross,) = axes[0][0].plot([], [], "x", color="0.3", mew=2, ls="none")
+        handles, labels = [*handles, cross], [*labels, "trained without SOS (plain Ultralytics resume)"]
     if any(len(runs) > 1 for runs in groups.values()):
         notes.append("bands: ± 1 std over runs")
     if any(c not in PANELS for c in data):
@@ -135,11 +151,15 @@ NOT_DIFFERENCES = {"name", "project", "save_dir", "exist_ok", "resume", "device"
 
 
 def run_args(run: str | Path) -> dict[str, Any]:
-    """A run's training arguments (its args.yaml); {} when it has none."""
+    """A run's training arguments: its args.yaml with the SOS options of sos_args.yaml beside it; {} when it has
+    neither."""
     import yaml
 
-    path = Path(run) / "args.yaml"
-    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+    args = {}
+    for name in ("args.yaml", "sos_args.yaml"):
+        path = Path(run) / name
+        args |= (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+    return args
 
 
 def run_labels(runs: Sequence[str | Path]) -> list[str]:

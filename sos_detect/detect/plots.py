@@ -30,8 +30,18 @@ def pyplot():
 def read_results(run_dir: str | Path) -> dict[str, list[float]]:
     """The columns of a run's results.csv (names stripped of padding) as floats; {} when there is none."""
     path = Path(run_dir) / "results.csv"
-    rows = list(csv.DictReader(path.read_text().splitlines())) if path.is_file() else []
+    rows = list(csv.DictReader(path.read_text().splitlines(), restval="nan")) if path.is_file() else []
     return {k.strip(): [float(r[k]) for r in rows] for k in (rows[0] if rows else ())}
+
+
+def epochs_without_sos(run_dir: str | Path) -> list[int]:
+    """1-based epochs a run logged without the sos/ columns its other epochs have: Ultralytics' own trainer wrote
+    them (a plain `YOLO(last.pt).train(resume=True)`), so no SOS ran there."""
+    cols = read_results(run_dir)
+    shifted = cols.get("sos/shifted")
+    if shifted is None or all(math.isnan(v) for v in shifted):
+        return []
+    return [int(e) for e, v in zip(cols["epoch"], shifted, strict=True) if math.isnan(v)]
 
 
 def shift_epochs(run_dir: str | Path) -> list[int]:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from sos_detect.detect.compare import compare_runs
+from sos_detect.detect.compare import compare_runs, run_args
 from sos_detect.detect.plots import pyplot, read_results, save_figure, trace_columns
 from sos_detect.reproduce.ab_report import STATISTICS_NOTE, aggregate
 from sos_detect.reproduce.jobs import core_shares, run_tasks
@@ -150,7 +150,6 @@ def train_run(run_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
     """Train one run (or resume it, or read it back when finished) and return its final metrics."""
     import shutil
 
-    import yaml
     from ultralytics import YOLO
 
     from sos_detect.detect.trainer import SOSDetectionTrainer
@@ -166,8 +165,7 @@ def train_run(run_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
     last = run_dir / "weights" / "last.pt"
     epoch = _checkpoint_epoch(last) if last.is_file() else None
     if epoch is not None:
-        saved = yaml.safe_load((run_dir / "args.yaml").read_text())
-        changed = changed_settings(saved, {k: v for k, v in settings.items() if k != "model"})
+        changed = changed_settings(run_args(run_dir), {k: v for k, v in settings.items() if k != "model"})
         if changed:
             raise ValueError(f"{run_dir}: an unfinished run with other settings ({', '.join(changed)}); remove it")
         if epoch >= 0:
