@@ -96,8 +96,8 @@ def test_terminal_preset_plan_and_a_tiny_slice(tmp_path, capsys):
     assert plan["schemes"] == ("sgd", "sgd+sos") and plan["sos_batches"][0] == 10  # b from the number of classes
     assert plan["sos_batches"][-1] == round(0.6 * width) and list(plan["sos_batches"]) == sorted(plan["sos_batches"])
     # a tiny slice with the preset's sweep: one seed (no interval to print), 2 epochs on 200 training images
-    args = ["reproduce", "classify", "--preset", "terminal", "--epochs", "2", "--train-subset", "200", "--seeds", "0"]
-    assert main([*args, "--out", str(tmp_path / "t")]) == 0
+    args = ["reproduce", "classify", "--preset", "terminal", "--train-subset", "200"]
+    assert main([*args, "--epochs", "2", "--seeds", "0", "--out", str(tmp_path / "t")]) == 0
     rows = {r["row"]: r for r in csv.DictReader((tmp_path / "t" / "classify.csv").read_text().splitlines())}
     sweep = [f"sgd+sos b={b}" for b in plan["sos_batches"]]
     assert list(rows) == ["sgd", *sweep, *(f"{r} - sgd" for r in sweep)]
@@ -108,7 +108,7 @@ def test_terminal_preset_plan_and_a_tiny_slice(tmp_path, capsys):
     md = (tmp_path / "t" / "classify.md").read_text()
     assert "n = 1: no interval" in md and "± 0.00" not in md and "train acc (%)" in md
     # without --seeds the preset's 8 seeds run
-    assert main([*args[:-2], "--schemes", "sgd", "--epochs", "1", "--out", str(tmp_path / "s")]) == 0
+    assert main([*args, "--schemes", "sgd", "--epochs", "1", "--out", str(tmp_path / "s")]) == 0
     assert sorted(p.name for p in (tmp_path / "s" / "runs").iterdir()) == [f"sgd_s{s}" for s in plan["seeds"]]
     capsys.readouterr()
 

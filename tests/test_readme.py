@@ -18,7 +18,7 @@ from sos_detect.detect.embedded import REPO_ROOT
 
 README = (REPO_ROOT / "README.md").read_text()
 FASHION_IDX = Path("/usr/share/datasets/fashion-mnist")
-TINY_TRAIN = ["--epochs", "2", "--imgsz", "64", "--sos-start", "0"]  # the main job in seconds, with a shift
+TINY_TRAIN = ["--epochs", "2", "--imgsz", "64"]  # the main job in seconds (a shift with --sos-start 0)
 
 
 def readme_blocks(lang: str) -> list[str]:
@@ -103,8 +103,8 @@ def work(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("readme")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(folder)
-        for extra in ([], ["--no-sos"]):
-            assert main(["train", *extra, *TINY_TRAIN]) == 0
+        assert main(["train", *TINY_TRAIN, "--sos-start", "0"]) == 0
+        assert main(["train", "--no-sos", *TINY_TRAIN]) == 0  # SOS options with --no-sos are refused
     return folder
 
 
@@ -137,8 +137,8 @@ def test_main_job_folders_and_plots_match_help_and_readme(work, capsys):
     final validation and `val --weights best.pt` print one mAP (README)."""
     assert "train-2" in _help(["train"])
     runs = work / "runs" / "sos"
-    assert "sos: true" in (runs / "train" / "args.yaml").read_text()
-    assert "sos: false" in (runs / "train-2" / "args.yaml").read_text()  # the second run, --no-sos
+    assert "sos: true" in (runs / "train" / "sos_args.yaml").read_text()
+    assert "sos: false" in (runs / "train-2" / "sos_args.yaml").read_text()  # the second run, --no-sos
     assert (runs / "train" / "sos_head_norm.png").is_file()
     assert not (runs / "train-2" / "sos_head_norm.png").exists()
 
@@ -167,7 +167,8 @@ def test_inline_commands_parse():
     parser = build_parser()
     for text in inline_commands():
         words = [w for w in argv(text) if w != "…"]
-        variants = [[words[0], alt, *words[2:]] for alt in words[1].split("/")] if len(words) > 1 else [words]
+        two = len(words) > 1 and not words[1].startswith("-") and "=" not in words[1]  # `classify train/shift`
+        variants = [[words[0], alt, *words[2:]] for alt in words[1].split("/")] if two else [words]
         for command in variants:
             args, extras = parse(parser, command)
             apply_key_values(args, extras)  # KEY=VALUE as Ultralytics reads them; an unknown key raises

@@ -22,7 +22,10 @@ from sos_detect.detect.embedded import REPO_ROOT
 from sos_detect.detect.heads import detect_head_layers
 
 SHIPPED = REPO_ROOT / "data" / "checkpoints" / "yolov5n-trees.pt"
-TINY_CLI = ["--epochs", 1, "--imgsz", 64, "--sos-start", 0, "--sos-images", 8, "workers=0", "plots=False"]
+
+
+def tiny_cli(epochs: int = 1, imgsz: int = 64) -> list:
+    return ["--epochs", epochs, "--imgsz", imgsz, "--sos-start", 0, "--sos-images", 8, "workers=0", "plots=False"]
 
 
 def log_of(run: Path) -> list[dict]:
@@ -37,7 +40,7 @@ def floats(ckpt: Path) -> dict[str, torch.Tensor]:
 def test_weights_alone_fine_tunes_the_checkpoints_own_architecture(tmp_path):
     """--weights X.pt alone trains X's architecture from X's tensors (as `yolo train model=X.pt`): after one epoch at
     a small learning rate every tensor is still close to X's, where the default YAML would start from scratch."""
-    res = run_cli("train", "--weights", SHIPPED, *TINY_CLI, "--imgsz", 160, "--optimizer", "SGD", "lr0=1e-4",
+    res = run_cli("train", "--weights", SHIPPED, *tiny_cli(imgsz=160), "--optimizer", "SGD", "lr0=1e-4",
                   "--project", tmp_path)  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
     start, end = floats(SHIPPED), floats(tmp_path / "train" / "weights" / "last.pt")
@@ -53,10 +56,10 @@ def test_a_yaml_with_weights_that_do_not_fit_is_refused_unless_asked(tmp_path, c
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "only 115/355 tensors transfer" in err[0] and "--allow-partial" in err[0]
     assert not (tmp_path / "r").exists()
-    res = run_cli(*args, "--allow-partial", *TINY_CLI)
+    res = run_cli(*args, "--allow-partial", *tiny_cli())
     assert res.returncode == 0, res.stderr[-3000:]
     assert "Transferred 115/355 items" in res.stdout + res.stderr  # Ultralytics' own count agrees
-    same = run_cli("train", "--cfg", "yolov5n.yaml", "--weights", SHIPPED, *TINY_CLI, "--project", tmp_path / "s")
+    same = run_cli("train", "--cfg", "yolov5n.yaml", "--weights", SHIPPED, *tiny_cli(), "--project", tmp_path / "s")
     assert same.returncode == 0 and "Transferred 427/427 items" in same.stdout + same.stderr
     ab = ["reproduce", "ab", "--data", str(TINY["data"]), "--arm", "base:sos=False", "--weights", str(SHIPPED)]
     assert main([*ab, "--models", "yolov8n", "--out", str(tmp_path / "ab")]) == 2  # the harness: the same rule
@@ -67,7 +70,7 @@ def test_a_yaml_with_weights_that_do_not_fit_is_refused_unless_asked(tmp_path, c
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("habits")
-    res = run_cli("train", *TINY_CLI, "--epochs", 2, "--sos-tau", 2e-4, "--project", root, "--name", "r")
+    res = run_cli("train", *tiny_cli(epochs=2), "--sos-tau", 2e-4, "--project", root, "--name", "r")
     assert res.returncode == 0, res.stderr[-3000:]
     return root / "r"
 
@@ -97,7 +100,7 @@ def test_exist_ok_starts_the_sos_log_afresh_and_plots_false_is_obeyed(cli_run, t
     run = tmp_path / "r"
     shutil.copytree(cli_run, run)
     assert [e["epoch"] for e in log_of(run)] == [1, 1, 2, 2]
-    res = run_cli("train", *TINY_CLI, "--project", tmp_path, "--name", "r", "exist_ok=True")
+    res = run_cli("train", *tiny_cli(), "--project", tmp_path, "--name", "r", "exist_ok=True")
     assert res.returncode == 0, res.stderr[-3000:]
     assert [e["epoch"] for e in log_of(run)] == [1, 1]  # the new run's shifts only, as its results.csv
     assert len((run / "results.csv").read_text().splitlines()) == 2
@@ -106,7 +109,7 @@ def test_exist_ok_starts_the_sos_log_afresh_and_plots_false_is_obeyed(cli_run, t
 
 @pytest.mark.parametrize("batch", ["-1", "0.5"])
 def test_autobatch_values_pass_through_to_ultralytics(batch, tmp_path, capsys):
-    res = run_cli("train", *TINY_CLI, f"batch={batch}", "--project", tmp_path)
+    res = run_cli("train", *tiny_cli(), f"batch={batch}", "--project", tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     assert yaml.safe_load((tmp_path / "train" / "args.yaml").read_text())["batch"] == float(batch)
     assert "batch" in (res.stdout + res.stderr)  # Ultralytics' AutoBatch says what it chose (16 on CPU)

@@ -42,9 +42,9 @@ def test_paper_preset_arms_and_published_figures():
     assert base["reference_map50"] == 83.4 and "| paper-b32 | 2 | 83.00 ± 2.83" in md and "s1: +3.00" in md
 
 
-def test_mini_preset_one_seed_one_epoch(tmp_path):
+def test_mini_preset_one_seed_two_epochs(tmp_path):
     cmd = [sys.executable, "-m", "sos_detect.cli", "reproduce", "table5", "--preset", "mini", "--seeds", "0"]
-    cmd += ["--epochs", "1", "--arms", "base,paper-b32", "--out", str(tmp_path)]
+    cmd += ["--epochs", "2", "--arms", "base,paper-b32", "--out", str(tmp_path)]  # order start: a shift before epoch 2
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     assert res.returncode == 0, res.stderr[-2000:]
     for name in ("table5.md", "table5.csv", "table5_effect.png", "table5_curves_yolov5n.png"):
@@ -62,5 +62,6 @@ def test_mini_preset_one_seed_one_epoch(tmp_path):
     log = [
         json.loads(x) for x in (tmp_path / "runs" / "yolov5n_s0_paper-b32" / "sos_log.jsonl").read_text().splitlines()
     ]
-    assert log and all(layer["rows"] == 32 for e in log for layer in e["layers"])
+    assert [(e["epoch"], e["order"]) for e in log] == [(2, "start"), (2, "start")]  # model and EMA, Algorithm 1
+    assert all(layer["rows"] == 32 for e in log for layer in e["layers"])
     assert not (tmp_path / "runs" / "yolov5n_s0_base" / "sos_log.jsonl").exists()
