@@ -154,7 +154,8 @@ def test_plain_ultralytics_resume_is_visible_in_the_results(tmp_path, capsys):
         tiny_train(tmp_path, "p", trainer=StopAfterFirst, epochs=2, imgsz=64, sos_start=0, sos_images=8)
     last = tmp_path / "p" / "weights" / "last.pt"
     hint = torch_load(last, map_location="cpu")["ema"].sos_resume
-    assert "sos-detect train --resume" in hint and "trainer=StopAfterFirst" in hint
+    assert hint.startswith("resume with SOS: sos-detect train --resume LAST_PT, or YOLO(LAST_PT).train(")
+    assert hint.endswith("resume=True, trainer=StopAfterFirst)")
     YOLO(str(last)).train(trainer=DetectionTrainer, resume=True)
     rows = list(csv.reader((tmp_path / "p" / "results.csv").read_text().splitlines()))
     header = [c.strip() for c in rows[0]]

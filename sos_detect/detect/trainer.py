@@ -46,7 +46,7 @@ from sos_detect.options import SOS_DEFAULTS, check_sos_args
 
 SOS_LOG, SOS_ARGS = "sos_log.jsonl", "sos_args.yaml"
 LEGACY = {"sos_ema": "grams", "sos_order": "end"}  # what runs saved before these options existed did
-RESUME_HINT = "resume with SOS: sos-detect train --resume LAST_PT, or YOLO(LAST_PT).train(resume=True, trainer=T)"
+RESUME_HINT = "resume with SOS: sos-detect train --resume LAST_PT, or YOLO(LAST_PT).train(resume=True, trainer={})"
 
 
 class SOSTrainerMixin:
@@ -74,7 +74,8 @@ class SOSTrainerMixin:
         check_sos_args(self.args)  # again: a resumed run takes its options from the checkpoint
         self._capture_set: CaptureSet | None = None  # letterboxed training images (eval capture, loss, Hessian)
         self._train_capture: GramCapture | None = None  # hooks on the training model during an epoch's last batches
-        self._next_shift: tuple[int, GramCapture] | None = None  # order "start": (epoch captured, its Grams)
+        self._shift_next = False  # order "start": a shift is due before the next epoch trains …
+        self._next_capture: GramCapture | None = None  # … on these Grams (None with sos_capture="eval")
         self._batch = 0
         self._held_out: HeldOutChange | None = None
         self._pending: list[dict[str, Any]] = []  # sos_log entries of this epoch, written with its metrics
@@ -134,7 +135,7 @@ class SOSTrainerMixin:
         `YOLO(last.pt).train(resume=True)` takes Ultralytics' own trainer and continues without SOS (its results.csv
         rows then lack the sos/ columns; `compare` marks them): `sos_resume` on the model says how to keep SOS."""
         self.ema.ema.sos_args = {k: getattr(self.args, k) for k in SOS_DEFAULTS}
-        self.ema.ema.sos_resume = RESUME_HINT.replace("T", type(self).__name__)
+        self.ema.ema.sos_resume = RESUME_HINT.format(type(self).__name__)
         with self._plain_args():
             return super().save_model()
 
@@ -163,8 +164,8 @@ class SOSTrainerMixin:
         if event == "on_train_epoch_start":
             self._stop_train_capture()
             self._batch = 0
-            if self._next_shift is not None:  # order "start": shift before this epoch trains
-                captured, self._next_shift = self._next_shift[1], None
+            if self._shift_next:  # order "start": shift before this epoch trains
+                captured, self._shift_next, self._next_capture = self._next_capture, False, None
                 self.sos_shift(self.epoch, captured)
         elif event == "on_train_batch_start":
             self._maybe_start_train_capture()
@@ -246,7 +247,7 @@ class SOSTrainerMixin:
             if self.args.sos_order == "end":
                 self.sos_shift(self.epoch, capture)
             else:
-                self._next_shift = (self.epoch, capture)
+                self._shift_next, self._next_capture = True, capture
         self._sos_row["sos/head_norm"] = head_norm(self.ema.ema)
         every = self.args.sos_hessian_every
         if every and ((self.epoch + 1) % every == 0 or self.epoch + 1 >= self.epochs):
