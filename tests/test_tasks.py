@@ -94,6 +94,17 @@ def test_models_without_a_detect_head_are_refused_before_anything_is_built(cfg, 
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_task_model_on_the_default_detect_data_and_a_broken_args_yaml_are_one_line_errors(tmp_path, capsys):
+    assert main(["train", "--cfg", "yolo11n-pose.yaml", "--project", str(tmp_path / "runs")]) == 2
+    assert "a pose model needs pose labels" in capsys.readouterr().err
+    for text, expected in (("model:\n", "without its model"), ("model: yolov5n.yaml\nimgsz: 10\n", "--imgsz 10")):
+        (tmp_path / "args.yaml").write_text(f"mode: train\n{text}")
+        assert main(["train", f"cfg={tmp_path / 'args.yaml'}", "--project", str(tmp_path / "runs")]) == 2
+        err = capsys.readouterr().err
+        assert f"cfg={tmp_path / 'args.yaml'}: " in err and expected in err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_a_data_yaml_as_model_and_a_contradicting_task_are_one_line_errors(tmp_path, capsys):
     data = build_task_data("segment", tmp_path / "data")
     assert main(["train", "--cfg", str(data), "--project", str(tmp_path / "runs")]) == 2

@@ -23,6 +23,7 @@ from sos_detect.cli.options import (
     SEED,
     add_device,
     add_options,
+    check_args,
     command,
     name,
     resolve_device,
@@ -280,6 +281,12 @@ def cmd_train(a: argparse.Namespace) -> int:
         raise OptionError(f"{name(a, 'task')}{wanted}: {spell(flag, source)} is a {task} model")
     if missing_kind(a.sos_heads, task):
         raise OptionError(f"{typed(a, 'sos_heads')}: {missing_kind(a.sos_heads, task)}")
+    if task != "detect" and a.data is None:
+        raise OptionError(
+            f"{spell(flag, source)}: a {task} model needs {task} labels and the default data (the embedded tree "
+            f"boxes) has detect labels; pass --data (sos_detect.detect.embedded.build_task_data writes the trees as "
+            f"{task} data)"
+        )
     data_yaml, data = load_data(a.data, typed(a, "data") if a.data else None, task=task)
     if a.weights and not fine_tune:
         model_task(a.weights, name(a, "weights"))  # a detector checkpoint, checked before anything is built
@@ -300,12 +307,15 @@ def _replay(a: argparse.Namespace) -> None:
     from sos_detect.detect.models import is_args_yaml, read_yaml_dict
     from sos_detect.detect.trainer import SOS_ARGS
 
-    settings = read_yaml_dict(a.cfg, typed(a, "cfg"))
+    file = typed(a, "cfg")
+    settings = read_yaml_dict(a.cfg, file)
     if not is_args_yaml(settings):
         return
+    if not isinstance(settings["model"], str) or not settings["model"].strip():
+        raise OptionError(f"{file}: a run's args.yaml without its model (model: is empty)")
     sos = read_yaml_dict(Path(a.cfg).parent / SOS_ARGS, f"{Path(a.cfg).parent / SOS_ARGS}") or {}
     given = set(a.cli_names) | set(a.cli_overrides)
-    a.cfg = str(settings["model"])
+    a.cfg = settings["model"]
     skip = {"model", "mode", "task", "save_dir", "resume", "exist_ok", "cfg"}
     for key, value in {**settings, **sos}.items():
         if key in given or key in skip:
@@ -316,6 +326,10 @@ def _replay(a: argparse.Namespace) -> None:
             setattr(a, key, value)
         elif key in DEFAULT_CFG_DICT:
             a.cli_overrides[key] = value
+    try:
+        check_args(a)  # the file's values pass the checks typed ones pass
+    except OptionError as err:
+        raise OptionError(f"{file}: {err}") from None
 
 
 def _resume(a: argparse.Namespace, resume: Any, device: str) -> int:
