@@ -102,6 +102,11 @@ def test_a_task_model_on_the_default_detect_data_and_a_broken_args_yaml_are_one_
         assert main(["train", f"cfg={tmp_path / 'args.yaml'}", "--project", str(tmp_path / "runs")]) == 2
         err = capsys.readouterr().err
         assert f"cfg={tmp_path / 'args.yaml'}: " in err and expected in err
+    previous = ["x", "*a", "*b", "*c", "*d", "*e"]
+    bomb = "".join(f"{c}: &{c} [{', '.join([p] * 9)}]\n" for p, c in zip(previous, "abcdef", strict=True))
+    (tmp_path / "bomb.yaml").write_text(bomb + "backbone: []\nhead: [*f]\n")  # 9⁶ values once expanded
+    assert main(["train", "--cfg", str(tmp_path / "bomb.yaml"), "--project", str(tmp_path / "runs")]) == 2
+    assert "over 100,000 values once its aliases are expanded" in capsys.readouterr().err  # model YAMLs bounded too
     assert not (tmp_path / "runs").exists()
 
 

@@ -177,7 +177,7 @@ def check_labels(data: dict[str, Any], splits: tuple[str, ...] = ("train", "val"
     return checked
 
 
-def _check_yaml_shape(node: Any, yaml_path: Path) -> None:
+def _check_yaml_shape(node: Any, yaml_path: str | Path) -> None:
     """Bound a composed YAML document before it is built: at most MAX_YAML_NODES values with aliases expanded
     and MAX_YAML_DEPTH levels of nesting (a self-referencing alias never ends)."""
     import yaml
@@ -215,21 +215,28 @@ def _check_names(raw: dict[str, Any], yaml_path: Path) -> None:
             raise DataError(f"{yaml_path}: names: class {index} is a {type(value).__name__}, not a plain name")
 
 
-def _read_yaml(yaml_path: Path) -> dict[str, Any]:
-    """An untrusted data YAML, bounded (size, alias expansion, nesting, plain class names) before it is built."""
+def read_bounded_yaml(yaml_path: Path, name: str | Path | None = None) -> Any:
+    """An untrusted YAML file's content, bounded (size, alias expansion, nesting) before it is built; errors name
+    it as `name` (default: the path)."""
     import yaml
 
+    name = name or yaml_path
     size = yaml_path.stat().st_size
     if size > MAX_YAML_BYTES:
-        raise DataError(f"{yaml_path}: {size:,} bytes; a data YAML is at most {MAX_YAML_BYTES:,}")
+        raise DataError(f"{name}: {size:,} bytes; a YAML file here is at most {MAX_YAML_BYTES:,}")
     try:
         text = yaml_path.read_text()
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         if node is not None:
-            _check_yaml_shape(node, yaml_path)
-        raw = yaml.safe_load(text)
+            _check_yaml_shape(node, name)
+        return yaml.safe_load(text)
     except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise DataError(f"{yaml_path}: not a readable YAML file ({' '.join(str(err).split())})") from None
+        raise DataError(f"{name}: not a readable YAML file ({' '.join(str(err).split())})") from None
+
+
+def _read_yaml(yaml_path: Path) -> dict[str, Any]:
+    """An untrusted data YAML, bounded (`read_bounded_yaml`, plain class names) before it is built."""
+    raw = read_bounded_yaml(yaml_path)
     if not isinstance(raw, dict):
         raise DataError(f"{yaml_path}: not a data YAML (no train:/val: keys)")
     _check_names(raw, yaml_path)

@@ -11,23 +11,21 @@ import copy
 from pathlib import Path
 from typing import Any
 
-from sos_detect.options import OptionError
+from sos_detect.options import OptionError, spell
 
 MIN_TRANSFER = 0.5  # a YAML model must take at least this share of its tensors from --weights, and its whole box head
 TRAIN_REMEDY = "fine-tune the checkpoint's own architecture with --weights alone (model=X.pt), or pass --allow-partial"
 
 
 def read_yaml_dict(path: str | Path, typed: str) -> dict[str, Any] | None:
-    """The mapping in a YAML file that exists here, None for a name Ultralytics resolves (yolov5n.yaml)."""
-    import yaml
+    """The mapping in a YAML file that exists here (read bounded, as an untrusted data YAML is), None for a name
+    Ultralytics resolves (yolov5n.yaml)."""
+    from sos_detect.detect.data import read_bounded_yaml
 
     p = Path(path)
     if not p.is_file():
         return None
-    try:
-        content = yaml.safe_load(p.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise OptionError(f"{typed}: not a readable YAML file ({str(err).splitlines()[0]})") from None
+    content = read_bounded_yaml(p, typed)
     if not isinstance(content, dict):
         raise OptionError(f"{typed}: not a model YAML (no backbone:/head:)")
     return content
@@ -43,7 +41,7 @@ def model_task(source: str, flag: str) -> str:
     is not a YOLO Detect SOS supports (RT-DETR, YOLO-World, YOLOE, classifiers, a data YAML given as a model)."""
     from sos_detect.detect.heads import detect_head, head_task, unsupported_reason
 
-    typed = f"{flag}{source}" if flag.endswith("=") else f"{flag} {source}"
+    typed = spell(flag, source)
     if source.lower().endswith(".pt"):
         from sos_detect.checkpoints import load_detector
 
@@ -96,7 +94,7 @@ def check_transfer(
     from sos_detect.checkpoints import load_detector
 
     source = load_detector(weights, flag)
-    typed = f"{flag}{weights}" if flag.endswith("=") else f"{flag} {weights}"
+    typed = spell(flag, weights)
     src = (source.get("ema") or source["model"]).float().state_dict()
     net.load(source, verbose=False)
     dst = net.state_dict()
