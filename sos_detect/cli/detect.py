@@ -279,8 +279,8 @@ def cmd_train(a: argparse.Namespace) -> int:
     wanted = a.cli_overrides.pop("task", None)
     if wanted not in (None, task):
         raise OptionError(f"{name(a, 'task')}{wanted}: {spell(flag, source)} is a {task} model")
-    if missing_kind(a.sos_heads, task):
-        raise OptionError(f"{typed(a, 'sos_heads')}: {missing_kind(a.sos_heads, task)}")
+    if missing := missing_kind(a.sos_heads, task):
+        raise OptionError(f"{typed(a, 'sos_heads')}: {missing}")
     if task != "detect" and a.data is None:
         raise OptionError(
             f"{spell(flag, source)}: a {task} model needs {task} labels and the default data (the embedded tree "
@@ -288,10 +288,8 @@ def cmd_train(a: argparse.Namespace) -> int:
             f"{task} data)"
         )
     data_yaml, data = load_data(a.data, typed(a, "data") if a.data else None, task=task)
-    if a.weights and not fine_tune:
-        model_task(a.weights, name(a, "weights"))  # a detector checkpoint, checked before anything is built
     model = YOLO(source, task=task)
-    _check_train_model(a, model, task, data, fine_tune)
+    _check_train_model(a, model, task, data, fine_tune)  # --weights loaded and checked here, before anything is written
     overrides = _train_overrides(a, data_yaml, device, fine_tune)
     with run_folder_removed_on_failure(model, a.project, a.name, exist_ok):
         model.train(trainer=sos_trainer(task), **overrides)
