@@ -305,6 +305,7 @@ class LayerReport:
     out_change_predicted: float
     out_change_measured: float  # on the rows solved on, with the weights as written
     out_change_all: float  # on every captured row (differs from the above in paper mode only)
+    out_change_unsampled: float | None  # on the captured rows not solved on (paper mode; None when all were)
     budget: float  # the bound the solver promised for out_change_measured
     mu: float
 
@@ -456,6 +457,9 @@ def _write_and_measure(named, grams, full, solved, report: ShiftReport, optimize
         v_written = as_v(layer.weight.detach())
         measured = output_change(grams[name].gram, v_old, v_written)
         everywhere = measured if full is grams else output_change(full[name].gram, v_old, v_written)
+        unsampled = None  # the rows left out of the solve have Gram G_all − G_solved (G is a sum over rows)
+        if full is not grams and full[name].rows > grams[name].rows:
+            unsampled = output_change(full[name].gram - grams[name].gram, v_old, v_written)
         report.layers.append(
             LayerReport(
                 name=name,
@@ -468,6 +472,7 @@ def _write_and_measure(named, grams, full, solved, report: ShiftReport, optimize
                 out_change_predicted=info.out_change,
                 out_change_measured=measured,
                 out_change_all=everywhere,
+                out_change_unsampled=unsampled,
                 budget=info.budget,
                 mu=info.mu,
             )

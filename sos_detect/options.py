@@ -200,6 +200,16 @@ SOS_OPTIONS: tuple[Option, ...] = (
         "schedule",
         choices=("end", "start"),
     ),
+    _option(
+        "sos_heldout_images",
+        int,
+        0,
+        "letterboxed validation images on which each shift's per-layer output change is measured and logged "
+        "(sos_log.jsonl: heldout_change of every layer, model and EMA; an extra eval pass per network); 0 = off",
+        "schedule",
+        check=_NONNEG,
+        rule=_ZERO,
+    ),
     _option("sos_every", int, 1, "shift every N epochs", "schedule", check=_POSITIVE, rule=_ONE),
     _option(
         "sos_start",

@@ -222,19 +222,26 @@ def ema_state(run) -> dict[str, torch.Tensor]:
 def test_rolled_back_shifts_leave_the_run_bit_identical_to_the_baseline(runs, tmp_path):
     """Paper mode on b = 4 rows changes the head outputs on all captured rows far beyond sos_max_change (5 %): every
     shift is rolled back and logged with its reason, and the run ends bit for bit where the sos=False run ends."""
-    run = tiny_train(tmp_path, "rb", sos=True, sos_start=0, sos_mode="paper", sos_rows=4, sos_images=8)
+    run = tiny_train(
+        tmp_path, "rb", sos=True, sos_start=0, sos_mode="paper", sos_rows=4, sos_images=8, sos_heldout_images=4
+    )
     log = [json.loads(line) for line in (run / "sos_log.jsonl").read_text().splitlines()]
     assert [(e["epoch"], e["target"]) for e in log] == [(1, "model"), (1, "ema"), (2, "model"), (2, "ema")]
     for e in log:
         assert not e["applied"] and "max_change 0.05" in e["reason"]
         assert max(layer["out_change_all"] for layer in e["layers"]) > 0.05
+        # the rows left out of the solve carry the change; rolled back, the validation images see none
+        assert all(layer["out_change_unsampled"] >= layer["out_change_all"] for layer in e["layers"])
+        assert all(layer["heldout_change"] == 0.0 for layer in e["layers"])
     base, rolled = ema_state(runs["base"]), ema_state(run)
     assert base.keys() == rolled.keys()
     assert all(torch.equal(base[k], rolled[k]) for k in base)
 
 
 def test_eval_capture_option_shifts_on_separate_passes(tmp_path):
-    run = tiny_train(tmp_path, "ev", epochs=1, sos=True, sos_start=0, sos_capture="eval", sos_images=8)
+    run = tiny_train(
+        tmp_path, "ev", epochs=1, sos=True, sos_start=0, sos_capture="eval", sos_images=8, sos_heldout_images=4
+    )
     log = [json.loads(line) for line in (run / "sos_log.jsonl").read_text().splitlines()]
     assert [(e["target"], e["capture"], e["images"], e["applied"]) for e in log] == [
         ("model", "eval", 8, True),
@@ -242,6 +249,10 @@ def test_eval_capture_option_shifts_on_separate_passes(tmp_path):
     ]
     assert all(layer["out_change"] <= 1e-4 * (1 + 1e-3) for e in log for layer in e["layers"])
     assert 0 <= log[1]["heldout_change"] < 1  # measured on the validation images
+    # sos_heldout_images: every layer of both networks has its change on 4 validation images; guarded mode solves on
+    # every captured row, so none is left unsampled
+    assert all(0 < layer["heldout_change"] < 1 for e in log for layer in e["layers"])
+    assert all(layer["out_change_unsampled"] is None for e in log for layer in e["layers"])
 
 
 def test_resume_both_ways_keeps_logs_consistent_with_the_checkpoint(tmp_path):

@@ -58,6 +58,31 @@ def test_paper_mode_draws_requested_rows_and_keeps_outputs_on_them(rng):
     assert report.layers[0].out_change_measured < 1e-8
     full_change = float((a @ (lin.weight.detach() - w0).T).norm() / (a @ w0.T).norm())
     assert full_change > 1e-2
+    # the change on the 180 rows left out of the solve, from the rows themselves: the sampled ones are those whose
+    # outputs did not move
+    moved = (a @ (lin.weight.detach() - w0).T).norm(dim=1) > 1e-9 * (a @ w0.T).norm(dim=1)
+    assert int(moved.sum()) == 180
+    off = a[moved]
+    direct = float((off @ (lin.weight.detach() - w0).T).norm() / (off @ w0.T).norm())
+    assert report.layers[0].out_change_unsampled == pytest.approx(direct, rel=1e-6)
+    assert shift_model(lin, {"fc": lin}, batches, tau=1e-3).layers[0].out_change_unsampled is None  # guarded
+
+
+def test_layer_changes_on_held_out_images_match_the_outputs(rng):
+    """layer_inputs + layer_changes: each 1×1 conv's relative output change on images, against its outputs."""
+    from sos_detect.detect.shifting import layer_changes, layer_inputs
+
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    layers = {"2": net[2]}
+    batches = [{"img": torch.randint(0, 256, (2, 3, 6, 5), generator=rng, dtype=torch.uint8)} for _ in range(3)]
+    grams = layer_inputs(net, layers, batches, torch.device("cpu"))
+    before = {"2": as_v(net[2].weight.detach()).clone()}
+    x = torch.cat([b["img"] for b in batches]).float() / 255
+    with torch.no_grad():
+        y0 = net(x) - net[2].bias[:, None, None]
+        net[2].weight.mul_(1.1).add_(0.01)
+        y1 = net(x) - net[2].bias[:, None, None]
+    assert layer_changes(layers, grams, before)["2"] == pytest.approx(float((y1 - y0).norm() / y0.norm()), rel=1e-4)
 
 
 def test_capture_restores_modes_also_on_error():

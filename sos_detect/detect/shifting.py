@@ -15,7 +15,15 @@ import torch.distributed as dist
 from torch import nn
 
 from sos_detect.detect.heads import detect_head_layers
-from sos_detect.layers import GramCapture, ShiftReport, as_v, first_moment_tensors, shift_layers, shift_model
+from sos_detect.layers import (
+    GramCapture,
+    ShiftReport,
+    as_v,
+    eval_capture,
+    first_moment_tensors,
+    shift_layers,
+    shift_model,
+)
 from sos_detect.shift import GramAccumulator, output_change
 
 
@@ -54,12 +62,12 @@ class CaptureSet:
         return [self.dataset.collate_fn(items[i : i + self.batch_size]) for i in range(0, len(items), self.batch_size)]
 
 
-def build_capture_set(args: Any, data: dict, stride: int, batch_size: int) -> CaptureSet:
-    """The capture set over data['train'] at args.imgsz (val-mode transforms: LetterBox only)."""
+def build_capture_set(args: Any, data: dict, stride: int, batch_size: int, split: str = "train") -> CaptureSet:
+    """The capture set over data[split] at args.imgsz (val-mode transforms: LetterBox only)."""
     from ultralytics.data import build_yolo_dataset
 
     with rng_kept():
-        dataset = build_yolo_dataset(args, data["train"], batch_size, data, mode="val", rect=False, stride=stride)
+        dataset = build_yolo_dataset(args, data[split], batch_size, data, mode="val", rect=False, stride=stride)
     return CaptureSet(dataset, batch_size)
 
 
@@ -247,3 +255,15 @@ class HeldOutChange:
             if self.capture.full[n].rows
         ]
         return max(changes) if changes else math.nan
+
+
+def layer_inputs(model: nn.Module, layers: Mapping[str, nn.Module], batches: list[dict[str, Any]], device) -> dict:
+    """name → Gram of the layer's inputs over one eval pass of `batches` (rows the shift was not solved on)."""
+    return {n: acc.gram for n, acc in eval_capture(model, layers, batches, forward=images_forward(device)).full.items()}
+
+
+def layer_changes(
+    layers: Mapping[str, nn.Module], grams: Mapping[str, torch.Tensor], before: Mapping[str, torch.Tensor]
+) -> dict[str, float]:
+    """name → ‖A(V'−V)‖/‖AV‖ on the rows of `grams`, V the weights `before`, V' the layer's weights now."""
+    return {n: output_change(grams[n], before[n], as_v(layer.weight.detach())) for n, layer in layers.items()}

@@ -38,6 +38,8 @@ from sos_detect.detect.shifting import (
     HeldOutChange,
     build_capture_set,
     detection_loss,
+    layer_changes,
+    layer_inputs,
     shift_detector,
     shift_from_training,
 )
@@ -73,6 +75,7 @@ class SOSTrainerMixin:
         super().__init__(cfg, overrides, _callbacks)
         check_sos_args(self.args)  # again: a resumed run takes its options from the checkpoint
         self._capture_set: CaptureSet | None = None  # letterboxed training images (eval capture, loss, Hessian)
+        self._val_set: CaptureSet | None = None  # letterboxed validation images (sos_heldout_images)
         self._train_capture: GramCapture | None = None  # hooks on the training model during an epoch's last batches
         self._shift_next = False  # order "start": a shift is due before the next epoch trains …
         self._next_capture: GramCapture | None = None  # … on these Grams (None with sos_capture="eval")
@@ -269,6 +272,7 @@ class SOSTrainerMixin:
             )
             return {}
         ema_before = {n: as_v(m.weight.detach()).clone() for n, m in ema_heads.items()}
+        probes = self._heldout_probes({"model": model, **({"ema": ema} if self.args.sos_ema != "follow" else {})})
         loss_batches = None
         if self.args.sos_loss_tol is not None or self.args.sos_hessian_every:
             loss_batches = self._capture_sample(self.args.sos_images, epoch)
@@ -302,8 +306,26 @@ class SOSTrainerMixin:
             images["ema"] = (sum(b["img"].shape[0] for b in batches) * max(self.world_size, 1), "eval")
         if RANK in {-1, 0} and "ema" in reports and reports["ema"].applied and self.args.sos_order == "end":
             self._held_out = HeldOutChange(ema_heads, ema_before, images=self.args.sos_images)  # in this validation
-        self._record(epoch, reports, images, skipped, frozen, time.perf_counter() - start)
+        heldout = {t: layer_changes(*probe) for t, probe in probes.items()}
+        self._record(epoch, reports, images, skipped, frozen, time.perf_counter() - start, heldout)
         return reports
+
+    def _heldout_probes(self, nets: dict[str, Any]) -> dict[str, tuple[dict, dict, dict]]:
+        """Per network about to be shifted: its shifted layers, their input Grams on sos_heldout_images validation
+        images (the same images at every shift) and their weights V before the shift (rank 0; none when off)."""
+        if not self.args.sos_heldout_images or RANK not in {-1, 0}:
+            return {}
+        if self._val_set is None:
+            stride = max(int(unwrap_model(self.model).stride.max()), 32)
+            with self._plain_args():
+                self._val_set = build_capture_set(self.args, self.data, stride, self.batch_size, split="val")
+        batches = self._val_set.sample(self.args.sos_heldout_images, self.args.seed)
+        probes = {}
+        for target, net in nets.items():
+            layers = self._shifted_layers(net)
+            before = {n: as_v(m.weight.detach()).clone() for n, m in layers.items()}
+            probes[target] = (layers, layer_inputs(net, layers, batches, self.device), before)
+        return probes
 
     def _shift_on(self, net, optimizer, batches: list[dict[str, Any]], epoch: int, options: dict) -> ShiftReport:
         """Shift one network's heads on its own eval pass over `batches` (shift_detector)."""
@@ -339,6 +361,7 @@ class SOSTrainerMixin:
         skipped: int,
         frozen: list[str],
         seconds: float,
+        heldout: dict[str, dict[str, float]],
     ) -> None:
         applied = [r for r in reports.values() if r.applied]
         ema = reports.get("ema")
@@ -365,6 +388,9 @@ class SOSTrainerMixin:
             | r.to_dict()
             for t, r in reports.items()
         ]
+        for entry in self._pending:  # each layer's change on validation images (sos_heldout_images)
+            for layer in entry["layers"]:
+                layer["heldout_change"] = heldout.get(entry["target"], {}).get(layer["name"])
         if frozen:
             LOGGER.info(f"SOS: {', '.join(frozen)} not shifted: frozen (freeze={self.args.freeze})")
         for target, report in reports.items():

@@ -471,6 +471,19 @@ STUDY_ARMS = {
     # at the start of an epoch, then train it; the studies committed before this option ran with order "end").
     "paper-b32": {"sos_mode": "paper", "sos_rows": 32, "sos_max_change": None, "sos_order": "start"},
 }
+ABLATION_ARMS = {  # paper-mode factors: order × EMA policy × b
+    f"paper-{order}-{ema}-b{b}": {
+        "sos_mode": "paper",
+        "sos_rows": b,
+        "sos_max_change": None,
+        "sos_order": order,
+        "sos_ema": ema,
+        "sos_heldout_images": 32,
+    }
+    for order in ("end", "start")
+    for ema in ("grams", "follow")
+    for b in (32, 48, 60)
+}
 STUDY_TRAIN = dict(
     imgsz=160,
     batch=16,
@@ -507,6 +520,20 @@ PRESETS = {
         description="fashion-det, Table 5's regime: one YOLOv5n pretrained from scratch on training images 0–2399 "
         "(10 epochs, seed 0, no SOS), then every arm fine-tunes it on images 2400–2799 (400 images, 8 epochs, "
         "160 px), validated on the first 400 validation images after every epoch.",
+    ),
+    "synth-finetune-ablation": ABConfig(
+        data=FASHION_DET,
+        train={**STUDY_TRAIN, "epochs": 8, "lr0": 0.002, "warmup_epochs": 0},
+        arms={"base": {"sos": False}, **ABLATION_ARMS},
+        pretrain=Pretrain(images=(0, 2400), options={"epochs": 10, "lr0": 0.01, "warmup_epochs": 1}),
+        train_images=(2400, 400),
+        val_images=400,
+        description="fashion-det, synth-finetune's regime (the same pretrained start, data and schedule): the paper's "
+        "SOS (τ = 0 on b sampled rows, no rollback) in every combination of Algorithm 1's order (end: shift after an "
+        "epoch, before its validation; start: shift, then train the epoch), the EMA's policy (grams: shifted with the "
+        "model's Grams; follow: not shifted, it follows the model) and b ∈ {32, 48, 60} of the 64-wide head convs. "
+        "Every shift logs each layer's output change on the captured rows it was not solved on and on 32 validation "
+        "images.",
     ),
     "synth-scratch-gpu": ABConfig(
         data=FASHION_DET,
