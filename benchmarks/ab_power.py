@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from sos_detect.reproduce.stats import SUMMARY_HEADER, markdown_table, paired_summary, with_holm
+from sos_detect.core.stats import SUMMARY_HEADER, markdown_table, paired_summary, with_holm
 
 SCALE = {"map50": 100.0, "map5095": 100.0, "voc07": 100.0, "top1": 100.0, "top5": 100.0}  # others as logged
 

@@ -10,7 +10,7 @@ Flatness is measured on a fixed batch of training samples (no augmentation, Batc
   - the change of tr(H) by Hutch++ on the difference H_after − H_before with the same probes, so that what the two
     Hessians share cancels (products of the first model with those probes are reused for every comparison);
   - the top Hessian eigenvalue (Lanczos);
-  - the last layer's own block tr(H_VV) in closed form (sos_detect.hessian.linear_block_diagonal): it depends on V
+  - the last layer's own block tr(H_VV) in closed form (sos_detect.core.hessian.linear_block_diagonal): it depends on V
     only through the softmax outputs, which OS keeps.
 Writes benchmarks/results/bench_classify_flatness.json. Run: python benchmarks/bench_classify_flatness.py [seeds]
 """
@@ -24,7 +24,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from sos_detect.runtime import configure
+from sos_detect.core.runtime import configure
 
 configure()
 import torch  # noqa: E402
@@ -33,7 +33,7 @@ from torch import nn  # noqa: E402
 from sos_detect.classify.data import load_classification_data  # noqa: E402
 from sos_detect.classify.models import build_model, final_linear  # noqa: E402
 from sos_detect.classify.train import FINISHED, evaluate, sos_step  # noqa: E402
-from sos_detect.hessian import (  # noqa: E402
+from sos_detect.core.hessian import (  # noqa: E402
     HessianOperator,
     TraceEstimate,
     hutchpp,

@@ -12,14 +12,14 @@ import copy
 import json
 from pathlib import Path
 
-from sos_detect.runtime import configure
+from sos_detect.core.runtime import configure
 
 configure()
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from sos_detect.classify.digits import load_digits_split, train_digits_mlp  # noqa: E402
-from sos_detect.layers import shift_model  # noqa: E402
+from sos_detect.core.apply import shift_model  # noqa: E402
 
 SETTINGS = [("guarded", t, None) for t in (0.0, 1e-4, 1e-3, 1e-2)] + [("paper", 0.0, b) for b in (16, 64)]
 
@@ -33,7 +33,7 @@ def main() -> None:
         model = copy.deepcopy(trained)
         with torch.no_grad():
             loss0, acc0 = float(ce(model(x), y)), float((model(xt).argmax(1) == yt).float().mean())
-        report = shift_model(model, {"fc": model[5]}, x.split(256), mode=mode, tau=tau, rows=b, seed=0)
+        report = shift_model(model, {"fc": model[5]}, x.split(256), mode=mode, tau=tau, rows=b, max_change=None, seed=0)
         with torch.no_grad():
             loss1, acc1 = float(ce(model(x), y)), float((model(xt).argmax(1) == yt).float().mean())
         r = report.layers[0]

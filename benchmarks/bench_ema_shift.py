@@ -22,18 +22,19 @@ import tempfile
 import time
 from pathlib import Path
 
-from sos_detect.runtime import configure
+from sos_detect.core.runtime import configure
 
 configure()
 import torch  # noqa: E402
 from ultralytics import YOLO  # noqa: E402
 
+from sos_detect.core.capture import GramCapture, as_v  # noqa: E402
+from sos_detect.core.options import ShiftConfig  # noqa: E402
+from sos_detect.core.solver import output_change  # noqa: E402
 from sos_detect.detect import SOSDetectionTrainer  # noqa: E402
+from sos_detect.detect.detector_shift import build_capture_set, shift_detector  # noqa: E402
 from sos_detect.detect.embedded import EMBEDDED_YAML  # noqa: E402
 from sos_detect.detect.heads import detect_head_layers  # noqa: E402
-from sos_detect.detect.shifting import build_capture_set, shift_detector  # noqa: E402
-from sos_detect.layers import GramCapture, as_v  # noqa: E402
-from sos_detect.shift import output_change  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 ROWS: list[dict] = []
@@ -49,7 +50,9 @@ class Compare(SOSDetectionTrainer):
         for k in (8, 37):
             copy_ = copy.deepcopy(ema)
             start = time.perf_counter()
-            report = shift_detector(copy_, capture_set.sample(k, epoch), device=self.device, tau=1e-4)
+            report = shift_detector(
+                copy_, capture_set.sample(k, epoch), ShiftConfig(max_change=None), device=self.device
+            )
             seconds[f"A{k}"] = time.perf_counter() - start
             ratios[f"A{k}"] = report.norm_ratio
             variants[f"A{k}"] = {n: as_v(m.weight.detach()).clone() for n, m in detect_head_layers(copy_).items()}

@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sos_detect.runtime import configure  # noqa: E402
+from sos_detect.core.runtime import configure  # noqa: E402
 
 
 def one_epoch(data: str, imgsz: int, sos: bool, project: str) -> dict[str, float]:

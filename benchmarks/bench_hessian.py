@@ -12,8 +12,8 @@ Workloads (float32, CPU):
                reported with its standard error
 Trace methods:
   exact               closed form (digits-last, yolo-cls, yolo-head); no HVP
-  ours hutchinson     sos_detect.hessian.hutchinson: Rademacher probes, gradient graph built once
-  ours hutch++        sos_detect.hessian.hutchpp, rank 16 (32 HVPs for the sketch), then residual probes
+  ours hutchinson     sos_detect.core.hessian.hutchinson: Rademacher probes, gradient graph built once
+  ours hutch++        sos_detect.core.hessian.hutchpp, rank 16 (32 HVPs for the sketch), then residual probes
   ours exact+hutch++  (yolo-all) exact head blocks + Hutch++ (rank 16 and 64) on every other parameter (what
                       `sos-detect hessian --params all` runs); its time includes the exact head blocks
   pyhessian-style     a loop written as PyHessian's trace(): one Rademacher probe per HVP through a graph built once
@@ -50,14 +50,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from sos_detect.runtime import configure
+from sos_detect.core.runtime import configure
 
 configure()
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.func import functional_call, grad, jvp  # noqa: E402
 
-from sos_detect.hessian import (  # noqa: E402
+from sos_detect.core.hessian import (  # noqa: E402
     HessianOperator,
     gradients_enabled,
     hutchinson,
@@ -157,11 +157,11 @@ def top5(h: torch.Tensor) -> list[float]:
 
 
 def detector(images: int, imgsz: int):
-    from sos_detect.checkpoints import load_detector
-    from sos_detect.detect.checkpoint import capture_set_for, working_copy
+    from sos_detect.detect.checkpoints import load_detector
     from sos_detect.detect.data import load_data
+    from sos_detect.detect.detector_shift import detection_loss_tensor
     from sos_detect.detect.embedded import REPO_ROOT
-    from sos_detect.detect.shifting import detection_loss_tensor
+    from sos_detect.detect.posthoc import capture_set_for, working_copy
 
     ckpt = load_detector(REPO_ROOT / "data" / "checkpoints" / "yolov5n-trees.pt")
     model = working_copy(ckpt.get("ema") or ckpt["model"], torch.device("cpu"), imgsz=imgsz, batch=images)

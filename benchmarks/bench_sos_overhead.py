@@ -36,13 +36,13 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from sos_detect.runtime import configure
+from sos_detect.core.runtime import configure
 
 threads = configure()
 import torch  # noqa: E402
 
+from sos_detect.core.stats import t_interval  # noqa: E402
 from sos_detect.detect.embedded import REPO_ROOT  # noqa: E402
-from sos_detect.reproduce.stats import t_interval  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 VOC_TRAIN_IMAGES = 16_551
@@ -86,8 +86,8 @@ def timed_train(events_json: str, argv: list[str]) -> int:
 
     from sos_detect.cli import detect as cli_detect
     from sos_detect.cli import main as cli_main
+    from sos_detect.core.capture import GramCapture
     from sos_detect.detect import shifting, trainer
-    from sos_detect.layers import GramCapture
 
     log: list[tuple[str, float, bool, float]] = []
     clock = {"seconds": 0.0, "depth": 0}
@@ -334,8 +334,8 @@ def per_image_costs(repeats: int, device: str, batch_size: int, cfg: str, nc: in
     from ultralytics.cfg import get_cfg
     from ultralytics.nn.tasks import DetectionModel
 
+    from sos_detect.core.capture import GramCapture
     from sos_detect.detect.heads import detect_head_layers
-    from sos_detect.layers import GramCapture
 
     torch.manual_seed(0)
     dev = torch.device("cpu" if device == "cpu" else f"cuda:{device}")

@@ -1,6 +1,6 @@
 """Shared test set-up: offline Ultralytics, explicit CPU threads, small real fixtures."""
 
-from sos_detect.runtime import configure
+from sos_detect.core.runtime import configure
 
 configure()
 

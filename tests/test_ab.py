@@ -17,10 +17,10 @@ import pytest
 from scipy import stats
 from test_synthetic import digits_idx
 
+from sos_detect.core.stats import sign_test, t_interval, t_quantile
 from sos_detect.detect.synthetic import SynthSpec, build_fashion_det
 from sos_detect.reproduce.ab import PRESETS, ABConfig, Pretrain, aggregate, check_arms, parse_arm, parse_options, run_ab
 from sos_detect.reproduce.jobs import core_shares
-from sos_detect.reproduce.stats import sign_test, t_interval, t_quantile
 
 COMMON = [
     "epochs=2",

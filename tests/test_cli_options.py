@@ -14,9 +14,9 @@ from ultralytics.cfg import parse_key_value_pair
 
 from sos_detect.cli import build_parser
 from sos_detect.cli.options import apply_key_values, parse
+from sos_detect.core.options import SOS_DEFAULTS, SOS_OPTIONS
 from sos_detect.detect.embedded import REPO_ROOT
 from sos_detect.detect.trainer import SOS_DEFAULTS as TRAINER_DEFAULTS
-from sos_detect.options import SOS_DEFAULTS, SOS_OPTIONS
 
 CKPT = REPO_ROOT / "data" / "checkpoints" / "yolov5n-trees.pt"
 

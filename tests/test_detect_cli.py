@@ -170,9 +170,9 @@ def test_shift_that_changes_outputs_is_refused_unless_asked(tmp_path):
     """The paper's SOS on b = 8 of 64 rows changes the head's outputs on the other captured rows by far more than
     --sos-max-change (5 %): refused in one line, nothing written; with sos_max_change=None it is applied as asked.
     The reported change is recomputed from the head convs' inputs on the same 64 capture images."""
-    from sos_detect.checkpoints import load_detector
-    from sos_detect.detect.checkpoint import capture_set_for, working_copy
+    from sos_detect.detect.checkpoints import load_detector
     from sos_detect.detect.data import load_data
+    from sos_detect.detect.posthoc import capture_set_for, working_copy
 
     out = tmp_path / "paper.pt"
     args = ("shift", "--weights", CKPT, "--out", out, "--device", "cpu", "--sos-mode", "paper", "--sos-rows", "8")

@@ -13,7 +13,7 @@ WORKER = textwrap.dedent(
     import sys
     from pathlib import Path
 
-    from sos_detect.runtime import configure
+    from sos_detect.core.runtime import configure
 
     configure(1)
     import torch
@@ -23,8 +23,10 @@ WORKER = textwrap.dedent(
 
     from sos_detect.detect.data import load_data
     from sos_detect.detect.heads import detect_head_layers
-    from sos_detect.detect.shifting import build_capture_set, shift_detector, shift_from_training
-    from sos_detect.layers import GramCapture
+    from sos_detect.core.apply import shift_targets
+    from sos_detect.core.capture import GramCapture
+    from sos_detect.core.options import ShiftConfig
+    from sos_detect.detect.detector_shift import build_capture_set, shift_detector
 
     out = Path(sys.argv[1])
     world = int(sys.argv[2])
@@ -47,7 +49,8 @@ WORKER = textwrap.dedent(
     ema = copy.deepcopy(model)
     for p in ema.parameters():
         p.data.mul_(0.99)  # an EMA that differs from the model
-    report = shift_detector(model, batches, device=torch.device("cpu"), optimizer=opt, tau=1e-3)
+    config = ShiftConfig(tau=1e-3, max_change=None)
+    report = shift_detector(model, batches, config, device=torch.device("cpu"), optimizer=opt)
     # the training-pass path: hooks on this rank's forward passes, Grams summed over ranks, model and EMA shifted
     capture = GramCapture(detect_head_layers(ema), skip_nonfinite=True)
     ema.eval()  # eval-mode BN: per-image features do not depend on how the images are split across ranks
@@ -55,7 +58,8 @@ WORKER = textwrap.dedent(
         for b in batches:
             ema(b["img"].float() / 255)
     ema_copy = copy.deepcopy(ema)
-    reports = shift_from_training(capture, {"ema": (ema, None), "copy": (ema_copy, None)}, tau=1e-3)
+    targets = {"ema": (detect_head_layers(ema), ema, None), "copy": (detect_head_layers(ema_copy), ema_copy, None)}
+    reports = shift_targets(capture, targets, config)
     torch.save(
         {
             "weights": {n: m.weight.detach().clone() for n, m in heads.items()},

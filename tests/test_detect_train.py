@@ -16,10 +16,10 @@ from ultralytics import YOLO
 from ultralytics.utils.patches import torch_load
 from ultralytics.utils.torch_utils import unwrap_model
 
+from sos_detect.core.capture import as_v
+from sos_detect.core.solver import solve_shift
 from sos_detect.detect import SOSDetectionTrainer, detect_head_layers
 from sos_detect.detect.embedded import REPO_ROOT
-from sos_detect.layers import as_v
-from sos_detect.shift import solve_shift
 
 
 @pytest.fixture(scope="session")
@@ -306,7 +306,7 @@ import sys
 from ultralytics import YOLO
 from ultralytics.utils import SETTINGS
 SETTINGS.update({"tensorboard": True})
-from sos_detect.runtime import configure
+from sos_detect.core.runtime import configure
 configure()
 from sos_detect.detect import SOSDetectionTrainer
 from sos_detect.detect.embedded import EMBEDDED_YAML

@@ -11,15 +11,15 @@ import pytest
 import torch
 from conftest import tiny_train
 
-from sos_detect.checkpoints import load_detector
-from sos_detect.detect.checkpoint import capture_set_for, working_copy
+from sos_detect.core.hessian import HessianOperator, gradients_enabled, hutchinson
+from sos_detect.detect.checkpoints import load_detector
 from sos_detect.detect.data import load_data
+from sos_detect.detect.detector_shift import detection_loss_tensor
 from sos_detect.detect.embedded import REPO_ROOT
 from sos_detect.detect.flatness import cls_head_diagonal, detector_params, output_space_diagonal
 from sos_detect.detect.heads import detect_head, detect_head_layers
 from sos_detect.detect.plots import head_norm
-from sos_detect.detect.shifting import detection_loss_tensor
-from sos_detect.hessian import HessianOperator, gradients_enabled, hutchinson
+from sos_detect.detect.posthoc import capture_set_for, working_copy
 
 CKPT = REPO_ROOT / "data" / "checkpoints" / "yolov5n-trees.pt"
 CPU = torch.device("cpu")

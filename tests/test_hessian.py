@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, hessian
 
-from sos_detect.hessian import (
+from sos_detect.core.hessian import (
     HessianOperator,
     hutchinson,
     hutchpp,

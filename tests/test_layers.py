@@ -8,8 +8,9 @@ from conftest import low_rank_rows
 from torch import nn
 
 from sos_detect.classify.digits import load_digits_split, train_digits_mlp
-from sos_detect.layers import GramCapture, apply_shift, as_v, capture_grams, layer_rows, shift_model
-from sos_detect.shift import solve_shift
+from sos_detect.core.apply import apply_shift, shift_model
+from sos_detect.core.capture import GramCapture, as_v, capture_grams, layer_rows
+from sos_detect.core.solver import solve_shift
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +35,8 @@ def test_conv1x1_equals_per_position_linear(rng):
     assert conv_g["layer0"].rows == rows.shape[0] == 3 * 5 * 4
     torch.testing.assert_close(next(iter(conv_g.values())).gram, next(iter(lin_g.values())).gram)
     # the same shift on both: the conv's outputs change exactly as the Linear's
-    rc = shift_model(conv, [conv], [x], tau=0.05)
-    rl = shift_model(lin, [lin], [rows], tau=0.05)
+    rc = shift_model(conv, [conv], [x], tau=0.05, max_change=None)
+    rl = shift_model(lin, [lin], [rows], tau=0.05, max_change=None)
     torch.testing.assert_close(conv.weight[:, :, 0, 0], lin.weight)
     assert rc.layers[0].out_change_measured == pytest.approx(rl.layers[0].out_change_measured, rel=1e-6)
 
@@ -51,7 +52,7 @@ def test_paper_mode_draws_requested_rows_and_keeps_outputs_on_them(rng):
     torch.testing.assert_close(grams["fc"].gram, again["fc"].gram)
     a = torch.cat(batches)
     w0 = lin.weight.detach().clone()
-    report = shift_model(lin, {"fc": lin}, batches, mode="paper", rows=20)
+    report = shift_model(lin, {"fc": lin}, batches, mode="paper", rows=20, max_change=None)
     assert report.applied and report.tau == 0.0 and report.layers[0].rank == 20
     assert report.layers[0].norm_after < report.layers[0].norm_before
     # outputs on the sampled rows are preserved; full-data outputs are not (over-determined overall)
@@ -65,12 +66,14 @@ def test_paper_mode_draws_requested_rows_and_keeps_outputs_on_them(rng):
     off = a[moved]
     direct = float((off @ (lin.weight.detach() - w0).T).norm() / (off @ w0.T).norm())
     assert report.layers[0].out_change_unsampled == pytest.approx(direct, rel=1e-6)
-    assert shift_model(lin, {"fc": lin}, batches, tau=1e-3).layers[0].out_change_unsampled is None  # guarded
+    assert (
+        shift_model(lin, {"fc": lin}, batches, tau=1e-3, max_change=None).layers[0].out_change_unsampled is None
+    )  # guarded
 
 
 def test_layer_changes_on_held_out_images_match_the_outputs(rng):
     """layer_inputs + layer_changes: each 1×1 conv's relative output change on images, against its outputs."""
-    from sos_detect.detect.shifting import layer_changes, layer_inputs
+    from sos_detect.detect.detector_shift import layer_changes, layer_inputs
 
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1))
     layers = {"2": net[2]}
@@ -124,7 +127,7 @@ def test_optimizer_first_moment_is_mapped(opt_cls, key, rng):
 def test_weight_is_written_in_place(rng):
     lin = nn.Linear(8, 2)
     param, data_ptr = lin.weight, lin.weight.data_ptr()
-    shift_model(lin, [lin], [torch.randn(20, 8, generator=rng)], tau=0.1)
+    shift_model(lin, [lin], [torch.randn(20, 8, generator=rng)], tau=0.1, max_change=None)
     assert lin.weight is param and lin.weight.data_ptr() == data_ptr
 
 
@@ -138,7 +141,7 @@ def test_rollback_is_bit_exact(rng):
     w, buf = lin.weight.detach().clone(), opt.state[lin.weight]["momentum_buffer"].clone()
     y = lin(x).detach()  # the loss is 0 now: any output change raises it
     loss = lambda m: float((m(x) - y).square().mean().detach())  # noqa: E731
-    report = shift_model(lin, [lin], [x], tau=0.5, optimizer=opt, loss_fn=loss, loss_tol=0.0)
+    report = shift_model(lin, [lin], [x], tau=0.5, optimizer=opt, loss_fn=loss, loss_tol=0.0, max_change=None)
     assert not report.applied and "loss_tol" in report.reason
     assert report.loss_after > report.loss_before
     assert torch.equal(lin.weight, w)
@@ -152,7 +155,7 @@ def test_digits_mlp_guarded_shift(digits):
     ce = nn.functional.cross_entropy
     with torch.no_grad():
         loss0, acc0 = float(ce(model(x), y)), (model(xt).argmax(1) == yt).float().mean()
-    report = shift_model(model, {"fc": model[5]}, x.split(256), tau=1e-4)
+    report = shift_model(model, {"fc": model[5]}, x.split(256), tau=1e-4, max_change=None)
     with torch.no_grad():
         loss1, acc1 = float(ce(model(x), y)), (model(xt).argmax(1) == yt).float().mean()
     r = report.layers[0]
@@ -173,25 +176,25 @@ def test_digits_mlp_guarded_shift(digits):
 def test_bad_input(rng):
     lin = nn.Linear(4, 2)
     with pytest.raises(TypeError, match="Conv2d with kernel"):
-        shift_model(lin, [nn.Conv2d(3, 3, 3)], [torch.randn(2, 4)])
+        shift_model(lin, [nn.Conv2d(3, 3, 3)], [torch.randn(2, 4)], max_change=None)
     with pytest.raises(TypeError, match="grouped"):
-        shift_model(lin, [nn.Conv2d(4, 4, 1, groups=2)], [torch.randn(2, 4)])
+        shift_model(lin, [nn.Conv2d(4, 4, 1, groups=2)], [torch.randn(2, 4)], max_change=None)
     with pytest.raises(TypeError, match="BatchNorm1d cannot be shifted"):
-        shift_model(lin, [nn.BatchNorm1d(4)], [torch.randn(2, 4)])
-    with pytest.raises(ValueError, match="needs rows"):
-        shift_model(lin, [lin], [torch.randn(2, 4)], mode="paper")
+        shift_model(lin, [nn.BatchNorm1d(4)], [torch.randn(2, 4)], max_change=None)
+    with pytest.raises(ValueError, match="needs sos_rows"):
+        shift_model(lin, [lin], [torch.randn(2, 4)], mode="paper", max_change=None)
     with pytest.raises(ValueError, match="tau"):
-        shift_model(lin, [lin], [torch.randn(2, 4)], tau=-1)
-    with pytest.raises(ValueError, match="mode must be"):
-        shift_model(lin, [lin], [torch.randn(2, 4)], mode="exact")
+        shift_model(lin, [lin], [torch.randn(2, 4)], tau=-1, max_change=None)
+    with pytest.raises(ValueError, match="sos_mode=exact: must be one of"):
+        shift_model(lin, [lin], [torch.randn(2, 4)], mode="exact", max_change=None)
     with pytest.raises(ValueError, match="NaN or Inf"):
-        shift_model(lin, [lin], [torch.full((2, 4), float("nan"))])
+        shift_model(lin, [lin], [torch.full((2, 4), float("nan"))], max_change=None)
     with pytest.raises(ValueError, match="shape"):
         apply_shift(lin, torch.zeros(5, 2))
     unused = nn.Linear(4, 2)
     w = unused.weight.detach().clone()
     with pytest.raises(ValueError, match="no input rows"):
-        shift_model(lin, {"unused": unused}, [torch.randn(2, 4)])
+        shift_model(lin, {"unused": unused}, [torch.randn(2, 4)], max_change=None)
     assert torch.equal(unused.weight, w)
 
 

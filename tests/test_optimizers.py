@@ -11,8 +11,9 @@ import torch
 from conftest import tiny_train
 from ultralytics.models.yolo.detect import DetectionTrainer
 
+from sos_detect.core.apply import OPTIMIZER_STATE
+from sos_detect.core.capture import as_v
 from sos_detect.detect import SOSDetectionTrainer, SOSTrainerMixin
-from sos_detect.layers import OPTIMIZER_STATE, as_v
 
 SEEN: dict[str, dict] = {}
 

@@ -9,7 +9,7 @@ import pytest
 from sos_detect.detect.embedded import REPO_ROOT
 
 PROBE = (
-    "import os, torch; from sos_detect.runtime import configure, downloads_allowed; n = configure(); "
+    "import os, torch; from sos_detect.core.runtime import configure, downloads_allowed; n = configure(); "
     "import ultralytics.utils as u, ultralytics.utils.torch_utils as t; "
     "print(n, torch.get_num_threads(), t.NUM_THREADS, os.environ['YOLO_OFFLINE'], downloads_allowed(), u.ONLINE)"
 )

@@ -11,7 +11,7 @@ import pytest
 import torch
 from scipy import stats
 
-from sos_detect.hessian import HessianOperator, hutchpp, top_eigenvalues
+from sos_detect.core.hessian import HessianOperator, hutchpp, top_eigenvalues
 from sos_detect.sensing.compare import reproduce_sensing
 from sos_detect.sensing.diagnostics import diagnose
 from sos_detect.sensing.problem import SensingConfig, SensingProblem, measure, product

@@ -8,7 +8,7 @@ import torch
 from conftest import low_rank_rows
 from scipy.optimize import brentq, minimize
 
-from sos_detect.shift import GramAccumulator, default_rtol, output_change, solve_shift
+from sos_detect.core.solver import GramAccumulator, default_rtol, output_change, solve_shift
 
 
 def gram_of(a: torch.Tensor) -> torch.Tensor:

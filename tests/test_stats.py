@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from sos_detect.reproduce.stats import holm, min_detectable_effect, paired_summary, t_test_p, with_holm
+from sos_detect.core.stats import holm, min_detectable_effect, paired_summary, t_test_p, with_holm
 
 SAMPLES = (
     [0.3, -0.1, 0.5, 0.2, 0.4],

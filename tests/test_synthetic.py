@@ -79,7 +79,7 @@ def test_built_data_loads_in_ultralytics(tmp_path, idx_root):
 
 def test_pasted_box_is_the_tight_box_of_the_item_pixels(idx_root):
     """Black ink on a white canvas: each pixel's opacity is 1 − value/255, so the box can be read off the image."""
-    from sos_detect.classify.data import read_idx
+    from sos_detect.core.fashion_mnist import read_idx
 
     items = read_idx(idx_root / "train-images-idx3-ubyte")
     for k, (size, aspect, x, y) in enumerate([(20, 1.0, 5, 7), (33, 0.8, 0, 0), (47, 1.25, 30, 11)]):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import yaml
 
-from sos_detect.detect.evaluate import Detections, GroundTruth, voc07_map
+from sos_detect.detect.metrics import Detections, GroundTruth, voc07_map
 from sos_detect.detect.voc import VOC_CLASSES, convert_voc
 
 

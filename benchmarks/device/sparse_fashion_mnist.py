@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from sos_detect.classify import data
-from sos_detect.classify.data import FASHION_ROOT, read_fashion_mnist
+from sos_detect.core import fashion_mnist as data
+from sos_detect.core.fashion_mnist import FASHION_ROOT, read_fashion_mnist
 from sos_detect.detect import synthetic
 
 STEMS = {"train": "train", "val": "t10k"}

@@ -16,7 +16,6 @@ Image size policy (`imgsz`, the side of the square input):
 
 from __future__ import annotations
 
-import gzip
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +24,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
+from sos_detect.core.fashion_mnist import FASHION_ROOT, read_fashion_mnist
+from sos_detect.core.images import check_images
+
 DATASETS = ("cifar10", "cifar100", "imagefolder", "fashion-mnist", "digits")
-FASHION_ROOT = "/usr/share/datasets/fashion-mnist"
 NATIVE_SIZE = {"digits": 8, "fashion-mnist": 28, "cifar10": 32, "cifar100": 32}
 PADDING = {"fashion-mnist": 2 / 28}  # random-crop padding as a fraction of the side; 1/8 otherwise (CIFAR's 4 px)
 SMALL_MAX = 64  # largest side treated as a small image (CIFAR recipe); the default cap for non-ImageNet models
@@ -59,41 +60,6 @@ class TensorImages(Dataset):
 
     def __getitem__(self, i: int):
         return self.transform(self.images[i]), int(self.labels[i])
-
-
-def read_idx(path: str | Path) -> np.ndarray:
-    """An IDX file (optionally .gz): the MNIST container of uint8 arrays."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: IDX file not found")
-    if path.suffix == ".gz":
-        with gzip.open(path) as f:
-            raw = f.read()
-    else:
-        raw = path.read_bytes()
-    magic = int.from_bytes(raw[:4], "big")
-    if magic >> 8 != 0x08 or len(raw) < 4 + 4 * (magic & 0xFF):
-        raise ValueError(f"{path}: not a uint8 IDX file (magic {magic:#x})")
-    ndim = magic & 0xFF
-    shape = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    data = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim)
-    if data.size != int(np.prod(shape)):
-        raise ValueError(f"{path}: IDX header says {shape} but holds {data.size} values")
-    return data.reshape(shape)
-
-
-def read_fashion_mnist(root: Path) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
-    """((train images N×28×28, labels), (test images, labels)) from Fashion-MNIST's IDX files in `root`."""
-
-    def find(stem: str) -> Path:
-        for name in (f"{stem}.gz", stem):
-            if (root / name).is_file():
-                return root / name
-        raise FileNotFoundError(f"{root}: no {stem}[.gz] (install Debian's dataset-fashion-mnist or pass --root)")
-
-    return tuple(  # type: ignore[return-value]
-        (read_idx(find(f"{p}-images-idx3-ubyte")), read_idx(find(f"{p}-labels-idx1-ubyte"))) for p in ("train", "t10k")
-    )
 
 
 def read_cifar(root: str | Path, name: str) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
@@ -223,8 +189,6 @@ def load_classification_data(
             raise ValueError(
                 f"{Path(root) / 'val'}: class folders {test.classes[:5]}... differ from train/'s {train.classes[:5]}..."
             )
-        from sos_detect.detect.data import check_images
-
         for split, ds in (("train", train), ("val", test)):
             check_images([Path(f) for f, _ in ds.samples], split)
         if len(train.classes) < 2:

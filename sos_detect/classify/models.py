@@ -73,7 +73,7 @@ def build_model(name: str, num_classes: int, in_ch: int = 3, weights: str | Path
 def load_weights(model: nn.Module, path: str | Path) -> None:
     """Load a state dict (or a {'model': state_dict} / {'state_dict': …} checkpoint) from a local file, through the
     one checkpoint loader (safe unpickling, finite tensors, one-line errors naming the file)."""
-    from sos_detect.checkpoints import load_state_dict
+    from sos_detect.core.checkpoints import load_state_dict
 
     state = load_state_dict(path)
     own = model.state_dict()

@@ -21,10 +21,11 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from sos_detect.classify.data import SMALL_MAX, ClassificationData, default_imgsz, load_classification_data
 from sos_detect.classify.models import CIFAR_MODELS, build_model, final_linear
-from sos_detect.classify.optim import NSO, SAM
-from sos_detect.files import save_atomic
-from sos_detect.layers import ShiftReport, check_shift_options, shift_model
-from sos_detect.options import MAX_IMGSZ
+from sos_detect.core.apply import shift_model
+from sos_detect.core.optim import NSO, SAM
+from sos_detect.core.options import MAX_IMGSZ, ShiftConfig, check_options, sos_options
+from sos_detect.core.record import ShiftReport
+from sos_detect.core.runs import save_atomic
 
 OPTIMIZERS = ("sgd", "sam", "nso")
 CHECKPOINT = "last.pt"  # written after every epoch, removed when the run finishes
@@ -92,9 +93,15 @@ class TrainConfig:
                 raise ValueError(f"{flag(key)} {value}: must be a finite number {low}")
         if self.momentum >= 1:
             raise ValueError(f"--momentum {self.momentum}: must be a finite number in [0, 1)")
-        check_shift_options(
-            self.sos_mode, self.sos_tau, self.sos_batch if self.sos_mode == "paper" else None, prefix="--sos-"
-        )
+        self.shift_config()
+
+    def shift_config(self) -> ShiftConfig:
+        """The shift Algorithm 1 makes (b = sos_batch samples in paper mode, no rollback), checked by the option
+        table's rows; errors name the flags of `sos-detect classify`."""
+        flags = {"sos_rows": "--sos-batch"}
+        values = {"sos_mode": self.sos_mode, "sos_tau": self.sos_tau, "sos_rows": self.sos_batch}
+        check_options(values, sos_options("shift"), lambda key: flags.get(key, "--" + key.replace("_", "-")))
+        return ShiftConfig(mode=self.sos_mode, tau=self.sos_tau, rows=self.sos_batch, max_change=None)
 
 
 def _loader(ds: Dataset, batch: int, shuffle: bool, seed: int, workers: int) -> DataLoader:
@@ -167,9 +174,7 @@ def sos_step(
         model,
         {name: layer},
         batches,
-        mode=cfg.sos_mode,
-        tau=cfg.sos_tau,
-        rows=cfg.sos_batch if cfg.sos_mode == "paper" else None,
+        cfg.shift_config(),
         forward=forward,
         optimizer=optimizer,
         loss_fn=loss_fn,

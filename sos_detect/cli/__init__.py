@@ -37,7 +37,7 @@ def _line_buffered() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sos_detect.runtime import configure
+    from sos_detect.core.runtime import configure
 
     _line_buffered()
     configure()

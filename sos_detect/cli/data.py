@@ -8,7 +8,7 @@ from pathlib import Path
 
 from sos_detect.cli.options import add_options, command, typed
 from sos_detect.cli.paths import fresh_build
-from sos_detect.options import Option, at_least
+from sos_detect.core.options import Option, at_least
 
 FORCE_HELP = (
     "replace what an earlier build wrote in a non-empty --out (refused without it), swapped in once the new build "

@@ -1,14 +1,13 @@
 """Detection commands: train, val, shift, hessian, compare.
 
 Every command checks its options, its device and its output paths first, then reads the checkpoint through the
-one loader (sos_detect.checkpoints) and the data through `load_data`, and only then works or writes.
+one loader (sos_detect.core.checkpoints) and the data through `load_data`, and only then works or writes.
 val, shift and hessian take image size, batch and data from the checkpoint's train args unless given.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from dataclasses import replace
@@ -36,10 +35,11 @@ from sos_detect.cli.paths import (
     check_writable_dir,
     run_folder_removed_on_failure,
 )
-from sos_detect.options import (
+from sos_detect.core.options import (
     SOS_OPTIONS,
     Option,
     OptionError,
+    ShiftConfig,
     at_least,
     check_rows_below_width,
     sos_options,
@@ -335,7 +335,7 @@ def _resume(a: argparse.Namespace, resume: Any, device: str) -> int:
     from ultralytics import YOLO
     from ultralytics.utils.files import get_latest_run
 
-    from sos_detect.checkpoints import load_detector
+    from sos_detect.detect.checkpoints import load_detector
     from sos_detect.detect.heads import detect_head, head_task
     from sos_detect.detect.trainer import sos_trainer
 
@@ -409,18 +409,9 @@ def _head_widths(net: Any, heads: str) -> dict[str, int]:
 
 
 def print_sos_log(path: Path) -> None:
-    if not path.exists():
-        print("SOS log: no shifts were made")
-        return
-    print(f"SOS log ({path}):")
-    print(f"{'epoch':>5} {'target':>6} {'norm ratio':>10} {'max Δout':>9} {'seconds':>8}  status")
-    for line in path.read_text().splitlines():
-        e = json.loads(line)
-        before = sum(r["norm_before"] ** 2 for r in e["layers"]) ** 0.5
-        after = sum(r["norm_after"] ** 2 for r in e["layers"]) ** 0.5
-        worst = max(r["out_change"] for r in e["layers"])
-        status = "applied" if e["applied"] else f"rolled back: {e['reason']}"
-        print(f"{e['epoch']:>5} {e['target']:>6} {after / before:>10.4f} {worst:>9.2e} {e['seconds']:>8.2f}  {status}")
+    from sos_detect.core.record import log_table
+
+    print(f"SOS log ({path}):\n{log_table(path)}" if path.exists() else "SOS log: no shifts were made")
 
 
 # -- reusing a checkpoint: val, shift, hessian ---------------------------------------------------------------------
@@ -429,7 +420,7 @@ def print_sos_log(path: Path) -> None:
 def _open_checkpoint(a: argparse.Namespace) -> tuple[dict[str, Any], str, dict[str, Any]]:
     """(checkpoint, data YAML, data) with a.imgsz / a.batch filled from the checkpoint's train args; prints what
     it uses. The data must have the checkpoint's class count."""
-    from sos_detect.checkpoints import check_class_count, load_detector
+    from sos_detect.detect.checkpoints import check_class_count, load_detector
     from sos_detect.detect.data import load_data
     from sos_detect.detect.heads import detect_head, head_task
 
@@ -500,7 +491,7 @@ def _extra_metrics(a: argparse.Namespace, data: dict[str, Any], device: str) -> 
     import numpy as np
 
     from sos_detect.detect.data import image_files
-    from sos_detect.detect.evaluate import coco_eval, load_ground_truth, predict, voc07_map
+    from sos_detect.detect.metrics import coco_eval, load_ground_truth, predict, voc07_map
     from sos_detect.detect.voc import difficult_file_for
 
     files = image_files(data["val"])
@@ -535,7 +526,7 @@ def _check_image_count(a: argparse.Namespace, key: str, data: dict[str, Any]) ->
 
 
 def cmd_shift(a: argparse.Namespace) -> int:
-    from sos_detect.detect.checkpoint import shift_checkpoint
+    from sos_detect.detect.posthoc import shift_checkpoint
 
     device = resolve_device(a)
     check_output_file(a.out, typed(a, "out"), {typed(a, "weights"): a.weights})
@@ -544,15 +535,11 @@ def cmd_shift(a: argparse.Namespace) -> int:
     _check_image_count(a, "sos_images", data)
     before = _validate(a.weights, data_yaml, a, device)
     print(f"before: mAP50 {before[0]:.4f}  mAP50-95 {before[1]:.4f}")
-    shift = {k.removeprefix("sos_"): getattr(a, k) for k in ("sos_mode", "sos_tau", "sos_rows", "sos_images")}
     reports, written = shift_checkpoint(
         ckpt,
         data,
         a.out,
-        **shift,
-        heads=a.sos_heads,
-        loss_tol=a.sos_loss_tol,
-        max_change=a.sos_max_change,
+        ShiftConfig.of(a),
         imgsz=a.imgsz,
         batch=a.batch,
         device=torch_device(device),
@@ -571,8 +558,8 @@ def cmd_shift(a: argparse.Namespace) -> int:
 def cmd_hessian(a: argparse.Namespace) -> int:
     import torch
 
-    from sos_detect.detect.checkpoint import capture_set_for, working_copy
     from sos_detect.detect.flatness import measure_flatness
+    from sos_detect.detect.posthoc import capture_set_for, working_copy
 
     device = torch.device(torch_device(resolve_device(a)))
     if a.before_after:
@@ -593,22 +580,11 @@ def cmd_hessian(a: argparse.Namespace) -> int:
 def _shift_and_measure(a: argparse.Namespace, model: Any, batches: list, device: Any, kw: dict, before: Any) -> None:
     from ultralytics.utils.files import increment_path
 
+    from sos_detect.detect.detector_shift import shift_detector
     from sos_detect.detect.flatness import measure_flatness
     from sos_detect.detect.plots import plot_shift_flatness
-    from sos_detect.detect.shifting import shift_detector
 
-    report = shift_detector(
-        model,
-        batches,
-        device=device,
-        heads=a.sos_heads,
-        mode=a.sos_mode,
-        tau=a.sos_tau,
-        rows=a.sos_rows,
-        loss_tol=a.sos_loss_tol,
-        max_change=a.sos_max_change,
-        seed=a.seed,
-    )
+    report = shift_detector(model, batches, ShiftConfig.of(a), device=device, seed=a.seed)
     print(report.format())
     after = measure_flatness(model, batches, device, **kw)
     _print_flatness("after", after)

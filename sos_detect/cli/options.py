@@ -15,7 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from sos_detect.options import MAX_IMGSZ, Option, OptionError, at_least, between, check_options, spell
+from sos_detect.core.options import MAX_IMGSZ, Option, OptionError, at_least, between, check_options, spell
 
 _POSITIVE = at_least(1)
 IMGSZ = Option("imgsz", int, 320, "image size in pixels", *between(32, MAX_IMGSZ))

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from sos_detect.options import OptionError
+from sos_detect.core.options import OptionError
 
 
 def check_writable_dir(path: str | Path, typed: str) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from sos_detect.cli.options import BATCH, EPOCHS, IMGSZ, add_options, command
-from sos_detect.options import MAX_IMGSZ, between
+from sos_detect.core.options import MAX_IMGSZ, between
 
 OVERRIDES = {
     row.key: replace(row, default=None, optional=True, help=f"override the preset's {row.help}")

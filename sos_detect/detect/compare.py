@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sos_detect.core.stats import mean_std
 from sos_detect.detect.plots import (
     epochs_without_sos,
     pyplot,
@@ -23,7 +24,6 @@ from sos_detect.detect.plots import (
     trace_columns,
     trace_label,
 )
-from sos_detect.reproduce.stats import mean_std
 
 PANELS = {
     "metrics/mAP50(B)": ("val mAP50", "mAP50"),

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from sos_detect.core.images import DataError, check_images
 from sos_detect.detect.embedded import EMBEDDED_YAML, REPO_ROOT
 
 VOC_NAMES = ("voc", "voc.yaml", "voc.yml")  # as typed, any case: the converted PASCAL VOC
@@ -18,10 +19,6 @@ VOC_CONFIG = REPO_ROOT / "configs" / "voc.yaml"  # the same layout seen from the
 MAX_YAML_BYTES = 1 << 20  # a data YAML names folders and classes: 1 MiB holds 10,000s of class names
 MAX_YAML_NODES = 100_000  # values after alias expansion (exponential anchors expand to billions)
 MAX_YAML_DEPTH = 64  # nesting (a self-referencing alias nests without end)
-
-
-class DataError(ValueError):
-    """A dataset problem; the message names the file."""
 
 
 def image_files(source: str | list[str]) -> list[Path]:
@@ -43,42 +40,6 @@ def image_files(source: str | list[str]) -> list[Path]:
         else:
             raise DataError(f"{p}: image folder or list not found")
     return files
-
-
-def _image_problem(f: Path) -> str | None:
-    """Why an image cannot be trained on, or None: it must decode completely (JPEGs at 1/8 scale, which still reads
-    every byte), be at least 10 px on each side, and a JPEG must end with its end-of-image marker (Ultralytics
-    would rewrite such a file in place, "restored")."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(f) as im:
-            w, h = im.size
-            if min(w, h) < 10:  # Ultralytics' verify_image_label drops these
-                return f"image size {w}x{h} is below Ultralytics' 10-pixel minimum"
-            if im.format == "JPEG":
-                with open(f, "rb") as raw:
-                    raw.seek(-2, 2)
-                    if raw.read() != b"\xff\xd9":
-                        return "JPEG does not end with its end-of-image marker (cut short, or bytes after it)"
-                im.draft("RGB", (max(1, w // 8), max(1, h // 8)))
-            im.load()
-    except FileNotFoundError:
-        return "listed but not on disk"
-    except (UnidentifiedImageError, ImportError) as err:  # ImportError: Ultralytics' HEIF opener tried pi_heif
-        heif = isinstance(err, ImportError) and f.suffix.lower() in (".heic", ".heif")
-        return f"HEIF image, needs {err.name}" if heif else "not a readable image (no known image format)"
-    except Exception as err:  # noqa: BLE001 - PIL raises several types for damaged files
-        return f"not a readable image ({type(err).__name__}: {' '.join(str(err).split())})"
-    return None
-
-
-def check_images(images: list[Path], split: str) -> None:
-    """Every image must decode completely (`_image_problem`); Ultralytics would skip a bad one as 'corrupt' with a
-    cryptic reason and train on fewer images, or fail with a traceback when none is left."""
-    bad = [(f, why) for f in images if (why := _image_problem(f)) is not None]
-    if bad:
-        raise DataError(f"{bad[0][0]}: {bad[0][1]} ({len(bad)} of {len(images)} '{split}' images unreadable)")
 
 
 Layout = tuple[str, Callable[[int], bool], Callable[[list[float]], list[float]], bool]
@@ -310,7 +271,7 @@ def load_data(path: str | Path | None, typed: str | None = None, task: str = "de
     downloaded only where the user allowed downloads (YOLO_OFFLINE unset or false)."""
     from ultralytics.data.utils import check_det_dataset
 
-    from sos_detect.runtime import downloads_allowed
+    from sos_detect.core.runtime import downloads_allowed
 
     typed = typed or f"{path if path is not None else EMBEDDED_YAML}"
     yaml_path = resolve_data(path, typed).resolve()

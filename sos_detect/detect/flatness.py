@@ -14,9 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sos_detect.detect.heads import detect_head_layers, detection_model
-from sos_detect.detect.shifting import detection_loss_tensor
-from sos_detect.hessian import (
+from sos_detect.core.hessian import (
     HessianOperator,
     Progress,
     TraceEstimate,
@@ -26,6 +24,8 @@ from sos_detect.hessian import (
     linear_block_diagonal,
     top_eigenvalues,
 )
+from sos_detect.detect.detector_shift import detection_loss_tensor
+from sos_detect.detect.heads import detect_head_layers, detection_model
 
 
 @dataclass

@@ -14,9 +14,10 @@ from typing import Any
 
 from torch import nn
 
+from sos_detect.core.options import parse_heads
+
 TASKS = ("detect", "segment", "pose", "obb")  # the Ultralytics tasks whose head is a Detect
 TASK_KINDS = {"segment": "mask", "pose": "kpt", "obb": "angle"}  # each task's own extra output conv
-HEAD_KINDS = ("box", "cls", *TASK_KINDS.values())
 # kind -> (one-to-many attribute, one-to-one attribute); a kind's first attribute found on the head is used
 _BRANCHES = {
     "box": (("cv2", "one2one_cv2"),),
@@ -82,15 +83,6 @@ def unsupported_reason(head_name: str, task: str | None) -> str | None:
         what = {"RTDETRDecoder": "RT-DETR (a transformer decoder head)"}.get(head_name, f"a {head_name} head")
         return f"{what}, not a YOLO Detect head"
     return None
-
-
-def parse_heads(which: str | Iterable[str]) -> tuple[str, ...]:
-    """'box,cls' or ('box', 'cls') → a checked tuple."""
-    kinds = tuple(k.strip() for k in (which.split(",") if isinstance(which, str) else which) if k.strip())
-    bad = [k for k in kinds if k not in HEAD_KINDS]
-    if bad or not kinds:
-        raise ValueError(f"sos_heads must be a comma-separated subset of {HEAD_KINDS}, got {which!r}")
-    return kinds
 
 
 def task_head_kinds(task: str) -> tuple[str, ...]:

@@ -11,7 +11,7 @@ import copy
 from pathlib import Path
 from typing import Any
 
-from sos_detect.options import OptionError, spell
+from sos_detect.core.options import OptionError, spell
 
 MIN_TRANSFER = 0.5  # a YAML model must take at least this share of its tensors from --weights, and its whole box head
 TRAIN_REMEDY = "fine-tune the checkpoint's own architecture with --weights alone (model=X.pt), or pass --allow-partial"
@@ -43,7 +43,7 @@ def model_task(source: str, flag: str) -> str:
 
     typed = spell(flag, source)
     if source.lower().endswith(".pt"):
-        from sos_detect.checkpoints import load_detector
+        from sos_detect.detect.checkpoints import load_detector
 
         ckpt = load_detector(source, flag)
         return head_task(detect_head(ckpt.get("ema") or ckpt["model"]))
@@ -91,7 +91,7 @@ def check_transfer(
     tensors or not all of its box-head tensors come from the checkpoint: that is another architecture."""
     import torch
 
-    from sos_detect.checkpoints import load_detector
+    from sos_detect.detect.checkpoints import load_detector
 
     source = load_detector(weights, flag)
     typed = spell(flag, weights)

@@ -227,7 +227,7 @@ def build_fashion_det(
     `root` holds Fashion-MNIST's IDX files (default: Debian's /usr/share/datasets/fashion-mnist). A rebuild
     replaces the previous images and labels whole.
     """
-    from sos_detect.classify.data import FASHION_ROOT, read_fashion_mnist
+    from sos_detect.core.fashion_mnist import FASHION_ROOT, read_fashion_mnist
 
     spec.check()
     source = dict(zip(SPLITS, read_fashion_mnist(Path(root or FASHION_ROOT)), strict=True))  # train ← train, val ← t10k

@@ -15,7 +15,6 @@ lost there; every SOS option is therefore a key of `self.args` and every SOS ste
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 from pathlib import Path
@@ -30,10 +29,11 @@ from ultralytics.models.yolo.segment import SegmentationTrainer
 from ultralytics.utils import DEFAULT_CFG, LOGGER, RANK, YAML, IterableSimpleNamespace
 from ultralytics.utils.torch_utils import unwrap_model
 
-from sos_detect.detect.flatness import detector_traces
-from sos_detect.detect.heads import detect_head, detect_head_layers, frozen_layers, head_task, missing_kind
-from sos_detect.detect.plots import head_norm, plot_run
-from sos_detect.detect.shifting import (
+from sos_detect.core.apply import first_moments, rank_rows, shift_targets
+from sos_detect.core.capture import GramCapture, as_v
+from sos_detect.core.options import SOS_DEFAULTS, ShiftConfig, check_sos_args
+from sos_detect.core.record import ShiftReport, append_log, keep_log_epochs
+from sos_detect.detect.detector_shift import (
     CaptureSet,
     HeldOutChange,
     build_capture_set,
@@ -41,10 +41,10 @@ from sos_detect.detect.shifting import (
     layer_changes,
     layer_inputs,
     shift_detector,
-    shift_from_training,
 )
-from sos_detect.layers import GramCapture, ShiftReport, as_v, first_moments
-from sos_detect.options import SOS_DEFAULTS, check_sos_args
+from sos_detect.detect.flatness import detector_traces
+from sos_detect.detect.heads import detect_head, detect_head_layers, frozen_layers, head_task, missing_kind
+from sos_detect.detect.plots import head_norm, plot_run
 
 SOS_LOG, SOS_ARGS = "sos_log.jsonl", "sos_args.yaml"
 LEGACY = {"sos_ema": "grams", "sos_order": "end"}  # what runs saved before these options existed did
@@ -229,9 +229,7 @@ class SOSTrainerMixin:
         last = len(self.train_loader.dataset) * max(self.world_size, 1) - (batches - 1) * per_batch
         window = min(batches, 1 + math.ceil(max(self.args.sos_images - last, 0) / per_batch))
         if self._batch >= batches - window:
-            rows = self.args.sos_rows if self.args.sos_mode == "paper" else None
-            if rows and self.world_size > 1:
-                rows = math.ceil(rows / self.world_size)  # each rank samples its share of the b rows
+            rows = rank_rows(ShiftConfig.of(self.args).sampled_rows)  # each rank samples its share of the b rows
             layers = self._shifted_layers(unwrap_model(self.model))
             if not layers:  # all frozen
                 return
@@ -276,33 +274,25 @@ class SOSTrainerMixin:
         loss_batches = None
         if self.args.sos_loss_tol is not None or self.args.sos_hessian_every:
             loss_batches = self._capture_sample(self.args.sos_images, epoch)
-        options = dict(
-            heads=self.args.sos_heads,
-            exclude=frozen,
-            mode=self.args.sos_mode,
-            tau=self.args.sos_tau,
-            max_change=self.args.sos_max_change,
-            loss_tol=self.args.sos_loss_tol,
-        )
-        with_model = {"ema": (ema, None)} if self.args.sos_ema == "grams" else {}
+        config = ShiftConfig.of(self.args)
+        nets = {"model": (model, self.optimizer), **({"ema": (ema, None)} if self.args.sos_ema == "grams" else {})}
         if self.args.sos_capture == "train":
             if capture is None or capture.images == 0:
                 LOGGER.warning(f"SOS epoch {epoch + 1}: no training rows were captured (epoch cut short?); no shift")
                 return {}
             loss_fn = detection_loss(loss_batches, self.device) if loss_batches else None
-            targets = {"model": (model, self.optimizer), **with_model}
-            reports = shift_from_training(capture, targets, loss_fn=loss_fn, **options)
+            targets = {t: (self._shifted_layers(net), net, opt) for t, (net, opt) in nets.items()}
+            reports = shift_targets(capture, targets, config, loss_fn=loss_fn)
             images = {t: (capture.images * max(self.world_size, 1), "train") for t in reports}
             skipped = max(capture.skipped.values())
         else:
             batches = self._capture_sample(self.args.sos_images, epoch)
-            targets = {"model": (model, self.optimizer), **with_model}
-            reports = {t: self._shift_on(net, opt, batches, epoch, options) for t, (net, opt) in targets.items()}
+            reports = {t: self._shift_on(net, opt, batches, epoch, config) for t, (net, opt) in nets.items()}
             images = dict.fromkeys(reports, (sum(b["img"].shape[0] for b in batches), "eval"))
             skipped = 0
         if self.args.sos_ema == "own":
             batches = self._capture_sample(self.args.sos_ema_images, epoch)
-            reports["ema"] = self._shift_on(ema, None, batches, epoch, options)
+            reports["ema"] = self._shift_on(ema, None, batches, epoch, config)
             images["ema"] = (sum(b["img"].shape[0] for b in batches) * max(self.world_size, 1), "eval")
         if RANK in {-1, 0} and "ema" in reports and reports["ema"].applied and self.args.sos_order == "end":
             self._held_out = HeldOutChange(ema_heads, ema_before, images=self.args.sos_images)  # in this validation
@@ -327,18 +317,18 @@ class SOSTrainerMixin:
             probes[target] = (layers, layer_inputs(net, layers, batches, self.device), before)
         return probes
 
-    def _shift_on(self, net, optimizer, batches: list[dict[str, Any]], epoch: int, options: dict) -> ShiftReport:
+    def _shift_on(self, net, optimizer, batches: list[dict[str, Any]], epoch: int, config: ShiftConfig) -> ShiftReport:
         """Shift one network's heads on its own eval pass over `batches` (shift_detector)."""
         measure = self.args.sos_loss_tol is not None or bool(self.args.sos_hessian_every)
         return shift_detector(
             net,
             batches,
+            config,
             device=self.device,
-            rows=self.args.sos_rows,
+            exclude=self._frozen,
             optimizer=optimizer,
             measure_loss=measure,
             seed=self.args.seed + epoch,
-            **options,
         )
 
     def sos_hessian(self) -> dict[str, float]:
@@ -403,9 +393,7 @@ class SOSTrainerMixin:
 
     def _write_log(self) -> None:
         if self._pending and RANK in {-1, 0}:
-            with open(self.save_dir / SOS_LOG, "a", encoding="utf-8") as f:
-                for entry in self._pending:
-                    f.write(json.dumps(entry) + "\n")
+            append_log(self.save_dir / SOS_LOG, self._pending)
         self._pending = []
 
     def _capture_sample(self, images: int, seed_offset: int) -> list[dict[str, Any]]:
@@ -485,6 +473,4 @@ def keep_epochs(results_csv: Path, sos_log: Path, epochs: int) -> None:
         lines = results_csv.read_text().splitlines(keepends=True)
         kept = lines[:1] + [line for line in lines[1:] if float(line.split(",", 1)[0]) <= epochs]
         results_csv.write_text("".join(kept))
-    if sos_log.is_file():
-        lines = sos_log.read_text().splitlines(keepends=True)
-        sos_log.write_text("".join(line for line in lines if json.loads(line)["epoch"] <= epochs))
+    keep_log_epochs(sos_log, epochs)

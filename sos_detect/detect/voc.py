@@ -15,8 +15,8 @@ from pathlib import Path
 
 from ultralytics.utils import TQDM
 
+from sos_detect.core.runtime import available_cores
 from sos_detect.detect.voc_xml import VocXmlError, parse_voc_xml, voc_to_yolo
-from sos_detect.runtime import available_cores
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",

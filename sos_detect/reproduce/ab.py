@@ -21,11 +21,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from sos_detect.core.stats import write_csv
 from sos_detect.detect.compare import compare_runs, run_args
 from sos_detect.detect.plots import pyplot, read_results, save_figure, trace_columns
 from sos_detect.reproduce.ab_report import STATISTICS_NOTE, aggregate
 from sos_detect.reproduce.jobs import core_shares, run_tasks
-from sos_detect.reproduce.stats import write_csv
 
 RUN_FREE = ("device", "workers")  # settings a finished or resumed run may differ in
 
@@ -203,7 +203,7 @@ def _voc07(run_dir: Path, data_yaml: str) -> float:
     import yaml
 
     from sos_detect.detect.data import image_files, load_data
-    from sos_detect.detect.evaluate import load_ground_truth, predict, voc07_map
+    from sos_detect.detect.metrics import load_ground_truth, predict, voc07_map
     from sos_detect.detect.voc import difficult_file_for
 
     _, data = load_data(data_yaml)
@@ -263,7 +263,7 @@ def check_study(cfg: ABConfig) -> None:
     model takes its starting checkpoint (--weights) as `sos-detect train --cfg Y --weights X` requires."""
     from ultralytics.nn.tasks import yaml_model_load
 
-    from sos_detect.checkpoints import load_detector
+    from sos_detect.detect.checkpoints import load_detector
     from sos_detect.detect.data import load_data
     from sos_detect.detect.models import check_transfer, model_task, task_model
 

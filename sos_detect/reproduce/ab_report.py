@@ -8,7 +8,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from sos_detect.reproduce.stats import SUMMARY_HEADER, fmt, markdown_table, mean_std, paired_summary, with_holm
+from sos_detect.core.stats import SUMMARY_HEADER, fmt, markdown_table, mean_std, paired_summary, with_holm
 
 # metric key → (table header, scale); mAP figures in percent, norm and trace as logged
 METRICS = {

@@ -15,9 +15,7 @@ from typing import Any
 import torch
 
 from sos_detect.classify.train import CHECKPOINT, FINISHED, TrainConfig, changed_settings, train, with_imgsz
-from sos_detect.reproduce.jobs import core_shares, run_tasks
-from sos_detect.reproduce.paper import CITATION, PAPER_DIR, fmt_figure, table3_top1, table4_top1
-from sos_detect.reproduce.stats import (
+from sos_detect.core.stats import (
     SUMMARY_HEADER,
     fmt,
     markdown_table,
@@ -26,6 +24,8 @@ from sos_detect.reproduce.stats import (
     with_holm,
     write_csv,
 )
+from sos_detect.reproduce.jobs import core_shares, run_tasks
+from sos_detect.reproduce.paper import CITATION, PAPER_DIR, fmt_figure, table3_top1, table4_top1
 
 SCHEMES = ("sgd", "sgd+sos", "sam", "sam+sos", "nso", "nso+sos")
 RUN_METRICS = ("top1", "top5", "train_acc", "last_norm")  # a run's final epoch: test top-1/5, training accuracy

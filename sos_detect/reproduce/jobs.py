@@ -90,7 +90,7 @@ def run_tasks(
 def _worker(cores: str, spec: str) -> int:
     """A worker process: pin to `cores` before torch loads, then call the named function on the task in `spec`."""
     os.sched_setaffinity(0, [int(c) for c in cores.split(",")])
-    from sos_detect.runtime import configure
+    from sos_detect.core.runtime import configure
 
     threads = configure()  # offline Ultralytics, OMP_NUM_THREADS (= the share's size) torch threads
     print(f"worker: core(s) {sorted(os.sched_getaffinity(0))}, {threads} torch thread(s)", flush=True)

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from sos_detect.reproduce.stats import markdown_table, mean_std, paired_summary, write_csv
-from sos_detect.runtime import one_thread
+from sos_detect.core.runtime import one_thread
+from sos_detect.core.stats import markdown_table, mean_std, paired_summary, write_csv
 from sos_detect.sensing.diagnostics import diagnose
 from sos_detect.sensing.problem import SensingConfig, SensingProblem
 from sos_detect.sensing.shifting import shift_last_factor

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from sos_detect.core.solver import ShiftInfo, solve_shift
 from sos_detect.sensing.problem import SensingProblem, product
-from sos_detect.shift import ShiftInfo, solve_shift
 
 
 def last_factor_rows(problem: SensingProblem, factors: list[Tensor]) -> Tensor:

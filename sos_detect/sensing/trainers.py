@@ -1,7 +1,7 @@
 """Full-batch trainers for the factorisation: GD, GD with weight-noise injection, NSO, SAM, GD with optimum shifting.
 
 All take the same learning rate and step budget. NSO and SAM are the project's optimisers
-(`sos_detect.classify.optim`) around plain SGD; noise injection spends the same gradients per step as NSO
+(`sos_detect.core.optim`) around plain SGD; noise injection spends the same gradients per step as NSO
 (2m one-sided draws against m ± pairs), so the two differ only in the pairing.
 """
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from sos_detect.classify.optim import NSO, SAM
+from sos_detect.core.optim import NSO, SAM
 from sos_detect.sensing.problem import SensingProblem
 from sos_detect.sensing.shifting import shift_last_factor
 

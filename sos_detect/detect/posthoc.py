@@ -8,11 +8,11 @@ from typing import Any
 
 import torch
 
-from sos_detect.checkpoints import load_detector
-from sos_detect.detect.shifting import build_capture_set, shift_detector
-from sos_detect.files import save_atomic
-from sos_detect.layers import ShiftReport
-from sos_detect.options import SOS_DEFAULTS
+from sos_detect.core.options import ShiftConfig
+from sos_detect.core.record import ShiftReport
+from sos_detect.core.runs import save_atomic
+from sos_detect.detect.checkpoints import load_detector
+from sos_detect.detect.detector_shift import build_capture_set, shift_detector
 
 
 def working_copy(stored: torch.nn.Module, device: torch.device, **overrides: Any) -> torch.nn.Module:
@@ -44,26 +44,22 @@ def shift_checkpoint(
     weights: str | Path | dict[str, Any],
     data: dict[str, Any],
     out: str | Path,
+    config: ShiftConfig | None = None,
     *,
-    mode: str = SOS_DEFAULTS["sos_mode"],
-    tau: float = SOS_DEFAULTS["sos_tau"],
-    rows: int | None = SOS_DEFAULTS["sos_rows"],
-    images: int = SOS_DEFAULTS["sos_images"],
-    heads: str = SOS_DEFAULTS["sos_heads"],
-    loss_tol: float | None = SOS_DEFAULTS["sos_loss_tol"],
-    max_change: float | None = SOS_DEFAULTS["sos_max_change"],
     imgsz: int = 640,
     batch: int = 16,
     device: str | torch.device = "cpu",
     seed: int = 0,
 ) -> tuple[dict[str, ShiftReport], Path | None]:
-    """Shift the stored network(s) of `weights` (a path, or the checkpoint dict `load_detector` returned) and
-    write `out` atomically (only if every shift applied); the defaults are the option table's.
+    """Shift the stored network(s) of `weights` (a path, or the checkpoint dict `load_detector` returned) on
+    config.images letterboxed training images each and write `out` atomically (only if every shift applied);
+    `config` defaults to the option table's.
 
     Returns the reports per stored network ('ema' and/or 'model') and the written path (None when a
     shift was rolled back, in which case nothing is written).
     """
     ckpt = weights if isinstance(weights, dict) else load_detector(weights)
+    config = config or ShiftConfig()
     device = torch.device(device)
     out = Path(out)
     new = dict(ckpt)
@@ -75,19 +71,7 @@ def shift_checkpoint(
             continue
         model = working_copy(stored, device, imgsz=imgsz, batch=batch)
         capture = capture or capture_set_for(model, data)
-        batches = capture.sample(images, seed)
-        reports[key] = shift_detector(
-            model,
-            batches,
-            device=device,
-            heads=heads,
-            mode=mode,
-            tau=tau,
-            rows=rows,
-            loss_tol=loss_tol,
-            max_change=max_change,
-            seed=seed,
-        )
+        reports[key] = shift_detector(model, capture.sample(config.images, seed), config, device=device, seed=seed)
         model.args = dict(vars(model.args))
         model.criterion = None
         new[key] = model.cpu().half()

@@ -2,15 +2,18 @@
 
 The detection trainer takes its defaults and its argument check from `SOS_OPTIONS`; the command line builds
 its flags and `--help` from the same rows and checks every command's options against them before anything is
-read or written. An error names the option as the user spelled it (`--sos-tau 1`, `sos_tau=1`).
+read or written. An error names the option as the user spelled it (`--sos-tau 1`, `sos_tau=1`). What a shift
+does (the rows of groups shift and capture) travels as one frozen `ShiftConfig`, checked once when it is built.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, make_dataclass
 from typing import Any
+
+HEAD_KINDS = ("box", "cls", "mask", "kpt", "angle")  # a Detect head's output convs: every task's, then each task's own
 
 
 class OptionError(ValueError):
@@ -38,9 +41,16 @@ def between(low: int, high: int) -> tuple[Callable[[Any], bool], str]:
     return (lambda v: _int(v) and low <= v <= high), f"an integer in [{low}, {high}]"
 
 
-def _heads_ok(v: Any) -> bool:
-    from sos_detect.detect.heads import parse_heads
+def parse_heads(which: str | Iterable[str]) -> tuple[str, ...]:
+    """'box,cls' or ('box', 'cls') → a checked tuple of HEAD_KINDS."""
+    kinds = tuple(k.strip() for k in (which.split(",") if isinstance(which, str) else which) if k.strip())
+    bad = [k for k in kinds if k not in HEAD_KINDS]
+    if bad or not kinds:
+        raise ValueError(f"sos_heads must be a comma-separated subset of {HEAD_KINDS}, got {which!r}")
+    return kinds
 
+
+def _heads_ok(v: Any) -> bool:
     try:
         return isinstance(v, str) and bool(parse_heads(v))
     except ValueError:
@@ -303,3 +313,43 @@ def check_rows_below_width(rows: int | None, widths: dict[str, int], typed: str)
     name, width = min(widths.items(), key=lambda kv: kv[1])
     if rows >= width:
         raise OptionError(f"{typed}: must be below the layer width ({name} of this model takes {width} inputs)")
+
+
+SHIFT_GROUPS = ("shift", "capture")  # the rows a ShiftConfig holds: what a shift does, on how many images
+
+
+def _check_config(config: Any) -> None:
+    check_options({f"sos_{f}": getattr(config, f) for f in config.__dataclass_fields__}, sos_options(*SHIFT_GROUPS))
+
+
+def _solve_tau(config: Any) -> float:
+    """The budget the solver is given: τ in guarded mode, 0 in paper mode (exact on the sampled rows)."""
+    return 0.0 if config.mode == "paper" else float(config.tau)
+
+
+def _sampled_rows(config: Any) -> int | None:
+    """Rows b sampled per layer (paper mode), None when every captured row is solved on (guarded mode)."""
+    return config.rows if config.mode == "paper" else None
+
+
+def _from_values(cls: type, values: Any = None, **options: Any) -> Any:
+    """A ShiftConfig from sos_* keys (an args namespace or a mapping; others ignored), then `options` by field."""
+    values = vars(values) if values is not None and not isinstance(values, dict) else (values or {})
+    given = {o.key.removeprefix("sos_"): values[o.key] for o in sos_options(*SHIFT_GROUPS) if o.key in values}
+    return cls(**{**given, **options})
+
+
+ShiftConfig = make_dataclass(
+    "ShiftConfig",
+    [(o.key.removeprefix("sos_"), Any, field(default=o.default)) for o in sos_options(*SHIFT_GROUPS)],
+    frozen=True,
+    namespace={
+        "__doc__": "What one shift does, built once from the option table's shift and capture rows (a field per row, "
+        "named without sos_, with its default) and checked when built (errors name the option as sos_key=value).",
+        "__post_init__": _check_config,
+        "solve_tau": property(_solve_tau),
+        "sampled_rows": property(_sampled_rows),
+        "of": classmethod(_from_values),
+    },
+)
+ShiftConfig.__module__ = __name__

@@ -1,11 +1,11 @@
-"""Optimum shifting of a YOLO detector's heads: the capture set, the detection loss, DDP agreement."""
+"""A YOLO detector's heads as shift targets: the capture set of letterboxed images, the forward pass on them, the
+detection loss, a detector's shift on its own eval pass, and output changes on images a shift was not solved on."""
 
 from __future__ import annotations
 
 import contextlib
 import math
 import random
-import time
 from collections.abc import Collection, Iterator, Mapping
 from typing import Any
 
@@ -14,17 +14,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from sos_detect.core.apply import distributed, shift_model
+from sos_detect.core.capture import GramCapture, as_v, eval_capture, eval_mode
+from sos_detect.core.options import ShiftConfig
+from sos_detect.core.record import ShiftReport
+from sos_detect.core.solver import output_change
 from sos_detect.detect.heads import detect_head_layers
-from sos_detect.layers import (
-    GramCapture,
-    ShiftReport,
-    as_v,
-    eval_capture,
-    first_moment_tensors,
-    shift_layers,
-    shift_model,
-)
-from sos_detect.shift import GramAccumulator, output_change
 
 
 @contextlib.contextmanager
@@ -86,20 +81,15 @@ def detection_loss_tensor(model: nn.Module, batches: list[dict[str, Any]], devic
     The model is run in eval mode (BatchNorm statistics fixed, as for a Hessian); modes are restored. Images are
     scaled to [0, 1] in the model's dtype (float64 for exact checks).
     """
-    modes = {m: m.training for m in model.modules()}
     dtype = next(model.parameters()).dtype
-    model.eval()
-    try:
-        total, count = 0.0, 0
+    total, count = 0.0, 0
+    with eval_mode(model):
         for batch in batches:
             b = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             b["img"] = b["img"].to(dtype) / 255
             loss, _ = model.loss(b)
             total = total + loss.sum()
             count += b["img"].shape[0]
-    finally:
-        for m, training in modes.items():
-            m.training = training
     return total / max(count, 1)
 
 
@@ -113,126 +103,39 @@ def detection_loss(batches: list[dict[str, Any]], device: torch.device):
     return loss_fn
 
 
-def _ddp() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def all_reduce_grams(grams: Mapping[str, GramAccumulator]) -> None:
-    """Sum every Gram and row count over all processes (G is a sum over rows)."""
-    for acc in grams.values():
-        gram = acc.gram.clone()
-        rows = torch.tensor([float(acc.rows)], dtype=torch.float64, device=gram.device)
-        dist.all_reduce(gram)
-        dist.all_reduce(rows)
-        acc.gram, acc.rows = gram, int(rows.item())
-
-
-def broadcast_shifted(layers: Mapping[str, nn.Module], optimizer: torch.optim.Optimizer | None) -> None:
-    """Make every rank hold rank 0's shifted weights and first-moment buffers, bit for bit."""
-    with torch.no_grad():
-        for layer in layers.values():
-            dist.broadcast(layer.weight.data, src=0)
-            if optimizer is not None:
-                for buf in first_moment_tensors(optimizer, layer.weight).values():
-                    dist.broadcast(buf, src=0)
-
-
 def shift_detector(
     model: nn.Module,
     batches: list[dict[str, Any]],
+    config: ShiftConfig,
     *,
     device: torch.device,
-    heads: str = "box,cls",
     exclude: Collection[str] = (),
-    mode: str = "guarded",
-    tau: float = 1e-4,
-    rows: int | None = None,
     optimizer: torch.optim.Optimizer | None = None,
-    loss_tol: float | None = None,
-    max_change: float | None = None,
     measure_loss: bool = False,
     seed: int = 0,
 ) -> ShiftReport:
-    """Shift the head convs of one detector (a training model or its EMA) on the capture batches (eval passes).
+    """Shift the head convs config.heads of one detector (a training model or its EMA) on its eval pass over the
+    capture batches (`shift_model`; under torch.distributed every rank ends with rank 0's tensors).
 
-    The capture-set loss is measured before and after when `measure_loss` or `loss_tol` is set; layers named in
+    The capture-set loss is measured before and after when `measure_loss` or config.loss_tol is set; layers named in
     `exclude` (frozen ones) are not shifted.
-    Under torch.distributed the Grams are all-reduced before solving and rank 0's result is broadcast,
-    so all ranks end with identical tensors.
     """
-    layers = detect_head_layers(model, heads, exclude)
-    ddp = _ddp()
-    if ddp and rows:
-        rows = math.ceil(rows / dist.get_world_size())  # each rank samples its share of the b rows
-    if not ddp or dist.get_rank() == 0:  # Ultralytics' progress bar over the capture pass
+    layers = detect_head_layers(model, config.heads, exclude)
+    if not distributed() or dist.get_rank() == 0:  # Ultralytics' progress bar over the capture pass
         from ultralytics.utils import TQDM
 
         batches = TQDM(batches, desc="SOS capture", total=len(batches), leave=False)
-    report = shift_model(
+    measure = measure_loss or config.loss_tol is not None
+    return shift_model(
         model,
         layers,
         batches,
-        mode=mode,
-        tau=tau,
-        rows=rows,
+        config,
         forward=images_forward(device),
         optimizer=optimizer,
-        loss_fn=detection_loss(batches, device) if measure_loss or loss_tol is not None else None,
-        loss_tol=loss_tol,
-        max_change=max_change,
+        loss_fn=detection_loss(batches, device) if measure else None,
         seed=seed,
-        sync=all_reduce_grams if ddp else None,
     )
-    if ddp:
-        broadcast_shifted(layers, optimizer)
-    return report
-
-
-def shift_from_training(
-    capture: GramCapture,
-    targets: Mapping[str, tuple[nn.Module, torch.optim.Optimizer | None]],
-    *,
-    heads: str = "box,cls",
-    exclude: Collection[str] = (),
-    mode: str = "guarded",
-    tau: float = 1e-4,
-    max_change: float | None = None,
-    loss_fn=None,
-    loss_tol: float | None = None,
-) -> dict[str, ShiftReport]:
-    """Shift every target's head convs (a training model and its EMA) on the Grams its training passes captured.
-
-    Each target gets its own minimum-norm V' under the same rows A (min ‖V'‖ s.t. ‖A(V'−V)‖ ≤ τ‖AV‖ for its own
-    V); one eigendecomposition per layer serves all of them. Under torch.distributed the Grams are summed over
-    ranks first and rank 0's tensors broadcast after, so all ranks end identical.
-    """
-    grams = capture.grams()
-    if _ddp():
-        all_reduce_grams(grams)
-        if grams is not capture.full:
-            all_reduce_grams(capture.full)
-    spectra: dict = {}
-    reports = {}
-    for name, (model, optimizer) in targets.items():
-        start = time.perf_counter()
-        layers = detect_head_layers(model, heads, exclude)
-        reports[name] = shift_layers(
-            layers,
-            grams,
-            mode=mode,
-            tau=tau,
-            full=capture.full,
-            spectra=spectra,
-            optimizer=optimizer,
-            loss_fn=loss_fn,
-            model=model,
-            loss_tol=loss_tol,
-            max_change=max_change,
-        )
-        if _ddp():
-            broadcast_shifted(layers, optimizer)
-        reports[name].seconds = time.perf_counter() - start
-    return reports
 
 
 class HeldOutChange:
@@ -249,12 +152,9 @@ class HeldOutChange:
     def finish(self) -> float:
         """max over layers of ‖A(V'−V)‖/‖AV‖ on the rows seen; NaN if no forward pass ran."""
         self.capture.stop()
-        changes = [
-            output_change(self.capture.full[n].gram, self.before[n], as_v(layer.weight.detach()))
-            for n, layer in self.layers.items()
-            if self.capture.full[n].rows
-        ]
-        return max(changes) if changes else math.nan
+        seen = {n: acc.gram for n, acc in self.capture.full.items() if acc.rows}
+        changes = layer_changes({n: self.layers[n] for n in seen}, seen, self.before)
+        return max(changes.values()) if changes else math.nan
 
 
 def layer_inputs(model: nn.Module, layers: Mapping[str, nn.Module], batches: list[dict[str, Any]], device) -> dict:

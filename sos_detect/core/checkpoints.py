@@ -1,14 +1,14 @@
 """One loader for every checkpoint a command reads: it says what the file is, refuses what the command cannot
 use, and refuses non-finite weights naming the first bad tensor. Errors are one line naming the file as typed.
 
-Kinds: a YOLO detector (an Ultralytics checkpoint dict whose 'ema'/'model' ends in a Detect head), a YOLO
-classifier, a state dict (tensors only, as `classify` writes and reads), a whole-model pickle
-(`torch.save(model)`), and anything else, which is not a checkpoint.
+Kinds: a checkpoint dict holding networks ('ema'/'model'; what network it is says the caller's `network_kind`, e.g.
+detect/checkpoints.py's YOLO detector or classifier), a state dict (tensors only, as `classify` writes and reads), a
+whole-model pickle (`torch.save(model)`), and anything else, which is not a checkpoint.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,32 +53,21 @@ def state_dict_of(obj: Any) -> dict[str, torch.Tensor] | None:
     return None
 
 
-def _network_kind(net: nn.Module) -> tuple[str, str]:
-    from sos_detect.detect.heads import detect_head, head_task
-
-    try:
-        task = head_task(detect_head(net))
-        nc = int(getattr(net, "nc", 0) or len(getattr(net, "names", {}) or {}))
-        what = "detector" if task == "detect" else f"{task} model"
-        return DETECTOR, f"a YOLO {what} checkpoint ({type(net).__name__}, {nc} class{'es' * (nc != 1)})"
-    except TypeError:
-        pass
-    if type(net).__name__ == "ClassificationModel":
-        return (
-            CLASSIFIER,
-            "a YOLO classification checkpoint (ClassificationModel), not a detector (classifiers: sos-detect classify)",
-        )
-    return OTHER, f"a checkpoint of a {type(net).__name__} network, not a YOLO detector"
+NetworkKind = Callable[[nn.Module], tuple[str, str]]  # a stored network → (kind, the kind in words)
 
 
-def classify(content: Any) -> tuple[str, str]:
-    """(kind, the kind in words) of a loaded object."""
+def _any_network(net: nn.Module) -> tuple[str, str]:
+    return OTHER, f"a checkpoint of a {type(net).__name__} network"
+
+
+def describe(content: Any, network_kind: NetworkKind = _any_network) -> tuple[str, str]:
+    """(kind, the kind in words) of a loaded object; a checkpoint dict's first network says it by `network_kind`."""
     if isinstance(content, nn.Module):
         return PICKLE, f"a whole-model pickle (torch.save of a {type(content).__name__}), not a checkpoint dict"
     if isinstance(content, dict):
         nets = [content.get(k) for k in ("ema", "model") if isinstance(content.get(k), nn.Module)]
         if nets:
-            return _network_kind(nets[0])
+            return network_kind(nets[0])
         sd = state_dict_of(content)
         if sd is not None:
             return STATE_DICT, f"a state dict ({len(sd)} tensors, no network)"
@@ -110,9 +99,12 @@ def _unsafe_kind(path: Path, name: str) -> CheckpointError:
     return CheckpointError(f"{name}: a pickle of Python objects ({shown}), not a state dict")
 
 
-def read_checkpoint(path: str | Path, flag: str = "--weights", *, safe: bool = False) -> Checkpoint:
-    """Load `path` and say what it is. `safe`: torch's weights-only loader (state dicts; pickled networks are
-    named from the classes they reference, never unpickled); otherwise Ultralytics' loader, as `YOLO()` uses."""
+def read_checkpoint(
+    path: str | Path, flag: str = "--weights", *, safe: bool = False, network_kind: NetworkKind = _any_network
+) -> Checkpoint:
+    """Load `path` and say what it is (`describe`). `safe`: torch's weights-only loader (state dicts; pickled
+    networks are named from the classes they reference, never unpickled); otherwise Ultralytics' loader, as `YOLO()`
+    uses."""
     name = f"{flag} {path}"
     path = Path(path)
     _open(path, name)
@@ -129,7 +121,7 @@ def read_checkpoint(path: str | Path, flag: str = "--weights", *, safe: bool = F
         raise CheckpointError(
             f"{name}: not a PyTorch checkpoint ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
         ) from None
-    kind, what = classify(content)
+    kind, what = describe(content, network_kind)
     return Checkpoint(name, kind, content, what)
 
 
@@ -153,30 +145,6 @@ def check_finite(ckpt: Checkpoint) -> None:
             raise ckpt.error(f"non-finite weights (NaN or inf) in {where + ' ' if where else ''}tensor {bad}")
 
 
-def check_head_shapes(ckpt: Checkpoint) -> None:
-    """Every stored network's Detect head fits its class count: each cls output conv has nc outputs and each box
-    conv 4·reg_max (a mismatch fails deep inside val/shift with a shape error)."""
-    from sos_detect.detect.heads import detect_head, detect_head_layers
-
-    for where, net in ckpt.networks().items():
-        head = detect_head(net)
-        nc, reg_max = int(getattr(head, "nc", 0)), int(getattr(head, "reg_max", 16))
-        try:
-            layers = detect_head_layers(net)
-        except TypeError as err:
-            raise ckpt.error(f"{where} Detect head: {err}") from None
-        names = getattr(net, "names", None)
-        if names is not None and len(names) != nc:
-            raise ckpt.error(f"{where} Detect head predicts {nc} classes but the network names {len(names)}")
-        for key, conv in layers.items():
-            want = nc if "cls" in key else 4 * reg_max
-            if conv.out_channels != want:
-                kind = f"nc = {nc} classes" if "cls" in key else f"4 × reg_max = {want} box outputs"
-                raise ckpt.error(
-                    f"{where} Detect head: {key} conv has {conv.out_channels} outputs, but the head has {kind}"
-                )
-
-
 def check_optimizer_state(ckpt: Checkpoint) -> None:
     """The stored optimizer state (momentum buffers, Adam moments) is finite: resuming from NaN state gives NaN
     losses from the first step."""
@@ -185,39 +153,6 @@ def check_optimizer_state(ckpt: Checkpoint) -> None:
         bad = first_non_finite((f"{k} of parameter {index}", v) for k, v in entry.items() if torch.is_tensor(v))
         if bad is not None:
             raise ckpt.error(f"non-finite optimizer state (NaN or inf): {bad}; it cannot be resumed")
-
-
-def load_detector(path: str | Path, flag: str = "--weights", *, resume: bool = False) -> dict[str, Any]:
-    """An Ultralytics detector checkpoint dict with finite weights and a head that fits its class count (with
-    `resume`, a finite optimizer state too); anything else is refused in one line."""
-    ckpt = read_checkpoint(path, flag)
-    if ckpt.kind != DETECTOR:
-        raise ckpt.error(f"{ckpt.what}; a YOLO detection checkpoint (Ultralytics' last.pt/best.pt) is needed")
-    check_finite(ckpt)
-    check_head_shapes(ckpt)
-    if resume:
-        check_optimizer_state(ckpt)
-    return ckpt.content
-
-
-def detector_classes(ckpt: dict[str, Any]) -> dict[int, str]:
-    """Class names of a detector checkpoint, {index: name}."""
-    net = ckpt.get("ema") or ckpt["model"]
-    names = getattr(net, "names", None) or {}
-    names = dict(enumerate(names)) if isinstance(names, (list, tuple)) else dict(names)
-    nc = int(getattr(net, "nc", 0) or len(names))
-    return {i: names.get(i, f"class_{i}") for i in range(nc)}
-
-
-def check_class_count(ckpt: dict[str, Any], data: dict[str, Any], weights: str, data_name: str) -> None:
-    """The data must have as many classes as the detector predicts (Ultralytics would fail deep inside)."""
-    classes = detector_classes(ckpt)
-    if int(data["nc"]) != len(classes):
-        shown = ", ".join(list(classes.values())[:3]) + (", …" if len(classes) > 3 else "")
-        raise CheckpointError(
-            f"{data_name}: {data['nc']} classes, but {weights} predicts {len(classes)} ({shown}); "
-            "pass the data the checkpoint was trained on"
-        )
 
 
 def load_state_dict(path: str | Path, flag: str = "--weights") -> dict[str, torch.Tensor]:
