@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,19 @@ class ShiftReport:
             f"mode={self.mode} tau={self.tau:g}: norm ratio {self.norm_ratio:.4f}{loss}, {status}, {self.seconds:.2f}s"
         )
         return "\n".join(lines)
+
+
+def results_columns(reports: Mapping[str, ShiftReport]) -> dict[str, float]:
+    """An epoch's shifts as results.csv columns: sos/shifted (1 when every target's shift applied), ‖V'‖/‖V‖ of the
+    model and of the EMA (1 when not applied), the largest output change on the rows an applied shift solved on."""
+    applied = [r for r in reports.values() if r.applied]
+    ratio = lambda t: reports[t].norm_ratio if t in reports and reports[t].applied else 1.0  # noqa: E731
+    return {
+        "sos/shifted": float(len(applied) == len(reports)),
+        "sos/norm_ratio": ratio("model"),
+        "sos/ema_norm_ratio": ratio("ema"),
+        "sos/out_change": max((r.max_out_change for r in applied), default=0.0),
+    }
 
 
 def append_log(path: Path, entries: list[dict[str, Any]]) -> None:

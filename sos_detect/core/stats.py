@@ -3,12 +3,10 @@ minimum detectable effect, sign test; `holm` across a study's comparisons), mark
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -34,14 +32,6 @@ def fmt(mean: float, std: float, scale: float = 100.0, digits: int = 2, n: int |
     if n == 1:
         return f"{mean * scale:.{digits}f} (n = 1)"
     return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
-
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:

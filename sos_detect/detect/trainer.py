@@ -32,7 +32,7 @@ from ultralytics.utils.torch_utils import unwrap_model
 from sos_detect.core.apply import first_moments, rank_rows, shift_targets
 from sos_detect.core.capture import GramCapture, as_v
 from sos_detect.core.options import SOS_DEFAULTS, ShiftConfig, check_sos_args
-from sos_detect.core.record import ShiftReport, append_log, keep_log_epochs
+from sos_detect.core.record import ShiftReport, append_log, keep_log_epochs, results_columns
 from sos_detect.detect.detector_shift import (
     CaptureSet,
     HeldOutChange,
@@ -74,6 +74,7 @@ class SOSTrainerMixin:
             raise ValueError(f"sos_heads: {missing}")
         super().__init__(cfg, overrides, _callbacks)
         check_sos_args(self.args)  # again: a resumed run takes its options from the checkpoint
+        self.sos_config = ShiftConfig.of(self.args)  # what every shift of this run does
         self._capture_set: CaptureSet | None = None  # letterboxed training images (eval capture, loss, Hessian)
         self._val_set: CaptureSet | None = None  # letterboxed validation images (sos_heldout_images)
         self._train_capture: GramCapture | None = None  # hooks on the training model during an epoch's last batches
@@ -229,7 +230,7 @@ class SOSTrainerMixin:
         last = len(self.train_loader.dataset) * max(self.world_size, 1) - (batches - 1) * per_batch
         window = min(batches, 1 + math.ceil(max(self.args.sos_images - last, 0) / per_batch))
         if self._batch >= batches - window:
-            rows = rank_rows(ShiftConfig.of(self.args).sampled_rows)  # each rank samples its share of the b rows
+            rows = rank_rows(self.sos_config.sampled_rows)  # each rank samples its share of the b rows
             layers = self._shifted_layers(unwrap_model(self.model))
             if not layers:  # all frozen
                 return
@@ -274,7 +275,7 @@ class SOSTrainerMixin:
         loss_batches = None
         if self.args.sos_loss_tol is not None or self.args.sos_hessian_every:
             loss_batches = self._capture_sample(self.args.sos_images, epoch)
-        config = ShiftConfig.of(self.args)
+        config = self.sos_config
         nets = {"model": (model, self.optimizer), **({"ema": (ema, None)} if self.args.sos_ema == "grams" else {})}
         if self.args.sos_capture == "train":
             if capture is None or capture.images == 0:
@@ -353,17 +354,7 @@ class SOSTrainerMixin:
         seconds: float,
         heldout: dict[str, dict[str, float]],
     ) -> None:
-        applied = [r for r in reports.values() if r.applied]
-        ema = reports.get("ema")
-        self._sos_row.update(
-            {
-                "sos/shifted": float(len(applied) == len(reports)),
-                "sos/norm_ratio": reports["model"].norm_ratio if reports["model"].applied else 1.0,
-                "sos/ema_norm_ratio": ema.norm_ratio if ema is not None and ema.applied else 1.0,
-                "sos/out_change": max((r.max_out_change for r in applied), default=0.0),
-                "sos/seconds": seconds,
-            }
-        )
+        self._sos_row.update({**results_columns(reports), "sos/seconds": seconds})
         when = "before" if self.args.sos_order == "start" else "after"
         self._pending = [
             {

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from sos_detect.core.stats import write_csv
+from sos_detect.core.runs import write_csv
 from sos_detect.detect.compare import compare_runs, run_args
 from sos_detect.detect.plots import pyplot, read_results, save_figure, trace_columns
 from sos_detect.reproduce.ab_report import STATISTICS_NOTE, aggregate

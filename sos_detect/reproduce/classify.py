@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from sos_detect.classify.train import CHECKPOINT, FINISHED, TrainConfig, changed_settings, train, with_imgsz
+from sos_detect.core.runs import write_csv
 from sos_detect.core.stats import (
     SUMMARY_HEADER,
     fmt,
@@ -22,7 +23,6 @@ from sos_detect.core.stats import (
     mean_std,
     paired_summary,
     with_holm,
-    write_csv,
 )
 from sos_detect.reproduce.jobs import core_shares, run_tasks
 from sos_detect.reproduce.paper import CITATION, PAPER_DIR, fmt_figure, table3_top1, table4_top1

@@ -16,8 +16,9 @@ from typing import Any
 
 import numpy as np
 
+from sos_detect.core.runs import write_csv, write_text_atomic
 from sos_detect.core.runtime import one_thread
-from sos_detect.core.stats import markdown_table, mean_std, paired_summary, write_csv
+from sos_detect.core.stats import markdown_table, mean_std, paired_summary
 from sos_detect.sensing.diagnostics import diagnose
 from sos_detect.sensing.problem import SensingConfig, SensingProblem
 from sos_detect.sensing.shifting import shift_last_factor
@@ -146,10 +147,7 @@ def run_case(case: Case, seeds: list[int], folder: Path) -> dict[str, Any]:
     chosen, trials = tune(case)
     records = [r for seed in TQDM(seeds, desc=f"sensing {case.config.label}") for r in run_seed(case, chosen, seed)]
     result = {"key": key, "case": case.config.label, "chosen": chosen, "tuning": trials, "records": records}
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(result, indent=1))
     return result
 
 
