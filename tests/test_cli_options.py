@@ -13,7 +13,7 @@ from conftest import error_line, run_cli, snapshot
 from ultralytics.cfg import parse_key_value_pair
 
 from sos_detect.cli import build_parser
-from sos_detect.cli.options import apply_key_values, parse
+from sos_detect.cli.arguments import apply_key_values, parse
 from sos_detect.core.options import SOS_DEFAULTS, SOS_OPTIONS
 from sos_detect.detect.embedded import REPO_ROOT
 from sos_detect.detect.trainer import SOS_DEFAULTS as TRAINER_DEFAULTS

@@ -13,7 +13,7 @@ import pytest
 from conftest import snapshot
 
 from sos_detect.cli import build_parser, main
-from sos_detect.cli.options import apply_key_values, parse
+from sos_detect.cli.arguments import apply_key_values, parse
 from sos_detect.detect.embedded import REPO_ROOT
 
 README = (REPO_ROOT / "README.md").read_text()

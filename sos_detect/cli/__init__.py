@@ -15,7 +15,7 @@ import traceback
 from pathlib import Path
 
 from sos_detect.cli import classify, data, detect, reproduce
-from sos_detect.cli.options import Parser, apply_key_values, check_args, parse
+from sos_detect.cli.arguments import Parser, apply_key_values, check_args, parse
 
 FAMILIES = (detect, data, classify, reproduce)
 ERRORS = (OSError, ValueError, TypeError, SyntaxError)  # OSError: missing files, folders, permissions

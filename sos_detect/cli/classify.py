@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from sos_detect.cli.options import command, resolve_device, torch_device
+from sos_detect.cli.arguments import command, resolve_device, torch_device
 
 # Defaults per dataset where TrainConfig's (the paper's CIFAR setting: resnet18, lr 0.1, 200 epochs) do not suit it.
 # digits (8×8, 1,437 training images): the 64-64 MLP reaches 97.6 % top-1 in 30 epochs (4 s on one core), where

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sos_detect.cli.options import add_options, command, typed
+from sos_detect.cli.arguments import add_options, command, typed
 from sos_detect.cli.paths import fresh_build
 from sos_detect.core.options import Option, at_least
 

@@ -14,7 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from sos_detect.cli.options import (
+from sos_detect.cli.arguments import (
     CKPT_BATCH,
     CKPT_IMGSZ,
     EPOCHS,
@@ -490,14 +490,9 @@ def cmd_val(a: argparse.Namespace) -> int:
 def _extra_metrics(a: argparse.Namespace, data: dict[str, Any], device: str) -> None:
     import numpy as np
 
-    from sos_detect.detect.data import image_files
-    from sos_detect.detect.metrics import coco_eval, load_ground_truth, predict, voc07_map
-    from sos_detect.detect.voc import difficult_file_for
+    from sos_detect.detect.metrics import coco_eval, val_detections, voc07_map
 
-    files = image_files(data["val"])
-    sidecar = difficult_file_for(files)
-    truths = load_ground_truth(files, sidecar)
-    dets = predict(a.weights, files, imgsz=a.imgsz, batch=a.batch, device=device)
+    dets, truths, sidecar = val_detections(a.weights, data, imgsz=a.imgsz, batch=a.batch, device=device)
     if a.voc07:
         mean, aps = voc07_map(dets, truths, int(data["nc"]))
         source = f" (difficult objects from {sidecar})" if sidecar.is_file() else ""

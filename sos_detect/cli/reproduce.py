@@ -7,7 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from sos_detect.cli.options import BATCH, EPOCHS, IMGSZ, add_options, command
+from sos_detect.cli.arguments import BATCH, EPOCHS, IMGSZ, add_options, command
 from sos_detect.core.options import MAX_IMGSZ, between
 
 OVERRIDES = {

@@ -145,6 +145,20 @@ def predict(
     return out
 
 
+def val_detections(
+    weights: str | Path, data: dict, *, imgsz: int, batch: int, device: str
+) -> tuple[dict[str, Detections], dict[str, GroundTruth], Path]:
+    """(predictions, ground truth, the difficult-object sidecar path) on data['val']: the inputs of VOC07 and COCO AP
+    (the sidecar need not exist: then no object is difficult)."""
+    from sos_detect.detect.data import image_files
+    from sos_detect.detect.voc import difficult_file_for
+
+    files = image_files(data["val"])
+    sidecar = difficult_file_for(files)
+    dets = predict(weights, files, imgsz=imgsz, batch=batch, device=device)
+    return dets, load_ground_truth(files, sidecar), sidecar
+
+
 def coco_eval(
     detections: dict[str, Detections], truths: dict[str, GroundTruth], names: dict[int, str], out_dir: Path
 ) -> tuple[float, float]:
