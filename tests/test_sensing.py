@@ -192,6 +192,6 @@ def test_reproduce_sensing_end_to_end(tmp_path):
     stamp = saved.stat().st_mtime_ns
     reproduce_sensing("tiny", tmp_path, [0, 1, 2])
     assert saved.stat().st_mtime_ns == stamp and json.loads(saved.read_text())["key"]["seeds"] == [0, 1, 2]
-    with pytest.raises(ValueError, match="a finished case with other settings") as err:
+    with pytest.raises(ValueError, match=r"a finished run with other settings \(seeds \[0, 1, 2\] → \[0, 1\]\)") as err:
         reproduce_sensing("tiny", tmp_path, [0, 1])
     assert str(err.value).startswith(str(saved))

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from sos_detect.core.runs import write_csv, write_text_atomic
+from sos_detect.core.runs import finished_record, write_csv, write_text_atomic
 from sos_detect.core.runtime import one_thread
 from sos_detect.core.stats import markdown_table, mean_std, paired_summary
 from sos_detect.sensing.diagnostics import diagnose
@@ -137,10 +137,8 @@ def run_case(case: Case, seeds: list[int], folder: Path) -> dict[str, Any]:
         "posthoc": [[n, list(g)] for n, g in POSTHOC],
     }
     path = folder / f"{case.config.label}.json"
-    if path.is_file():
-        saved = json.loads(path.read_text())
-        if saved["key"] != json.loads(json.dumps(key)):
-            raise ValueError(f"{path}: a finished case with other settings or seeds; choose another --out")
+    saved = finished_record(path, json.loads(json.dumps(key)), key="key")
+    if saved is not None:
         return saved
     from ultralytics.utils import TQDM
 
