@@ -15,10 +15,11 @@ import pytest
 import torch
 from torch import nn
 
+from sos_detect.classify.config import TrainConfig
 from sos_detect.classify.data import default_imgsz, load_classification_data, read_idx
 from sos_detect.classify.digits import write_digits_imagefolder
 from sos_detect.classify.optim import NSO, SAM
-from sos_detect.classify.train import TrainConfig, train
+from sos_detect.classify.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -8,7 +8,7 @@ a slice of the training images while the arms train on another slice.
 
 The study's parts: ab_presets.py (configuration, presets, arm syntax, checks), ab_runs.py (one run: settings, data,
 shared start, train / resume / read back, final metrics), ab_report.py (tables and statistics), ab_plots.py (the
-effect plot), jobs.py (runs side by side); this module drives a study through them.
+curves and the effect plot), jobs.py (runs side by side); this module drives a study through them.
 """
 
 from __future__ import annotations
@@ -16,11 +16,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sos_detect.detect.compare import compare_runs
-from sos_detect.reproduce.ab_plots import plot_effects
+from sos_detect.reproduce.ab_plots import plot_curves, plot_effects
 from sos_detect.reproduce.ab_presets import ABConfig, check_study
 from sos_detect.reproduce.ab_report import STATISTICS_NOTE, aggregate
-from sos_detect.reproduce.ab_runs import arm_data, run_settings, shared_start, train_run
+from sos_detect.reproduce.ab_runs import plan_runs, train_run
 from sos_detect.reproduce.jobs import core_shares, run_tasks
 from sos_detect.reproduce.stats import write_csv
 
@@ -34,25 +33,20 @@ def run_ab(cfg: ABConfig, out: str | Path, name: str = "ab", jobs: int = 1) -> l
     core_shares(jobs)  # a --jobs this machine cannot pin: one line before anything trains
     out = Path(out).resolve()  # Ultralytics puts a relative project under its own runs folder
     out.mkdir(parents=True, exist_ok=True)
-    plan, tasks, written = [], [], []
-    for model in cfg.models:
-        start = shared_start(cfg, model, out)
-        data = arm_data(cfg, out / "data")
-        for seed in cfg.seeds:  # seeds outermost: an interrupted study holds complete pairs
-            for arm in cfg.arms:
-                run_dir = out / "runs" / f"{Path(model).stem}_s{seed}_{arm}"
-                plan.append({"model": model, "seed": seed, "arm": arm, "run": str(run_dir)})
-                tasks.append((run_dir, run_settings(cfg, model, seed, arm, data, start)))
+    plan, tasks = plan_runs(cfg, out)
     records = run_tasks(train_run, tasks, jobs, out / "logs")
     results = [{**where, **record} for where, record in zip(plan, records, strict=True)]
-    for model in cfg.models:
-        groups = {arm: [r["run"] for r in results if r["model"] == model and r["arm"] == arm] for arm in cfg.arms}
-        curves = out / f"{name}_curves_{Path(model).stem}.png"
-        compare_runs(groups, curves, title=f"{model}: {', '.join(groups)} (seeds {list(cfg.seeds)})")
-        written.append(curves)
+    curves = plot_curves(cfg, results, out, name)
     rows, table = aggregate(results, list(cfg.arms), cfg.reference)
     write_csv(out / f"{name}.csv", rows)
     plot_effects(rows, out / f"{name}_effect.png")
+    _write_summary(cfg, out, name, table)
+    return [out / f"{name}.md", out / f"{name}.csv", out / f"{name}_effect.png", *curves]
+
+
+def _write_summary(cfg: ABConfig, out: Path, name: str, table: str) -> None:
+    """out/{name}.md: the study's description, its tables (ab_report.aggregate), the statistics note and the
+    settings it ran with."""
     settings = {
         "data": cfg.data,
         "common": cfg.train,
@@ -67,4 +61,3 @@ def run_ab(cfg: ABConfig, out: str | Path, name: str = "ab", jobs: int = 1) -> l
         f"{STATISTICS_NOTE}\n\n"
         f"Settings: `{json.dumps(settings)}`\n"
     )
-    return [out / f"{name}.md", out / f"{name}.csv", out / f"{name}_effect.png", *written]

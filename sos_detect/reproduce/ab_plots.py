@@ -1,4 +1,5 @@
-"""The A/B study's effect plot: each arm's paired difference to the baseline with its interval, per model and metric."""
+"""The A/B study's plots: per model every arm's training curves over its seeds, and the effect plot (each arm's paired
+difference to the baseline with its interval, per model and metric)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,20 @@ import math
 from pathlib import Path
 from typing import Any
 
+from sos_detect.detect.compare import compare_runs
 from sos_detect.detect.plots import pyplot, save_figure
+from sos_detect.reproduce.ab_presets import ABConfig
+
+
+def plot_curves(cfg: ABConfig, results: list[dict[str, Any]], out: Path, name: str) -> list[Path]:
+    """Per model, out/{name}_curves_MODEL.png: every arm's runs' training curves (detect/compare.compare_runs)."""
+    written = []
+    for model in cfg.models:
+        groups = {arm: [r["run"] for r in results if r["model"] == model and r["arm"] == arm] for arm in cfg.arms}
+        curves = out / f"{name}_curves_{Path(model).stem}.png"
+        compare_runs(groups, curves, title=f"{model}: {', '.join(groups)} (seeds {list(cfg.seeds)})")
+        written.append(curves)
+    return written
 
 
 def plot_effects(rows: list[dict[str, Any]], path: Path) -> Path:

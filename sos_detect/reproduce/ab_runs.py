@@ -22,6 +22,22 @@ from sos_detect.reproduce.ab_presets import ABConfig, model_cfg
 RUN_FREE = ("device", "workers")  # settings a finished or resumed run may differ in
 
 
+def plan_runs(cfg: ABConfig, out: Path) -> tuple[list[dict[str, Any]], list[tuple[Path, dict[str, Any]]]]:
+    """Every model × seed × arm run of the study under out/runs: where each is ({model, seed, arm, run}) and its
+    (folder, settings) task. Each model's shared start is trained (shared_start) and its data subset written
+    (arm_data) here, first."""
+    plan, tasks = [], []
+    for model in cfg.models:
+        start = shared_start(cfg, model, out)
+        data = arm_data(cfg, out / "data")
+        for seed in cfg.seeds:  # seeds outermost: an interrupted study holds complete pairs
+            for arm in cfg.arms:
+                run_dir = out / "runs" / f"{Path(model).stem}_s{seed}_{arm}"
+                plan.append({"model": model, "seed": seed, "arm": arm, "run": str(run_dir)})
+                tasks.append((run_dir, run_settings(cfg, model, seed, arm, data, start)))
+    return plan, tasks
+
+
 def run_settings(cfg: ABConfig, model: str, seed: int, arm: str, data: str, start: str | None) -> dict[str, Any]:
     settings = {**cfg.train, **cfg.arms[arm], "model": model_cfg(model), "data": data, "seed": seed}
     if start:

@@ -14,7 +14,9 @@ from typing import Any
 
 import torch
 
-from sos_detect.classify.train import CHECKPOINT, FINISHED, TrainConfig, changed_settings, train, with_imgsz
+from sos_detect.classify.config import TrainConfig, with_imgsz
+from sos_detect.classify.runs import CHECKPOINT, FINISHED, changed_settings
+from sos_detect.classify.train import train
 from sos_detect.reproduce.jobs import core_shares, run_tasks
 from sos_detect.reproduce.paper import CITATION, PAPER_DIR, fmt_figure, table3_top1, table4_top1
 from sos_detect.reproduce.stats import (
