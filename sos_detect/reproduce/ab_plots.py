@@ -58,4 +58,5 @@ def plot_effects(rows: list[dict[str, Any]], path: Path) -> Path:
 
 
 def _arm_count(rows: list[dict[str, Any]]) -> int:
+    """The most difference rows any one model has (the figure's height)."""
     return max(len({r["row"] for r in rows if r["model"] == m}) for m in {r["model"] for r in rows}) if rows else 1

@@ -235,6 +235,7 @@ def parse_arms(specs: Sequence[str], taken: Sequence[str] = ()) -> dict[str, dic
 
 
 def model_cfg(model: str) -> str:
+    """What Ultralytics builds a model name from: a YAML or checkpoint as given, else NAME.yaml."""
     return model if model.endswith((".yaml", ".yml", ".pt")) else f"{model}.yaml"
 
 

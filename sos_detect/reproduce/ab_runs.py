@@ -39,6 +39,8 @@ def plan_runs(cfg: ABConfig, out: Path) -> tuple[list[dict[str, Any]], list[tupl
 
 
 def run_settings(cfg: ABConfig, model: str, seed: int, arm: str, data: str, start: str | None) -> dict[str, Any]:
+    """One run's training options: the common ones, the arm's on top, its model, data and seed, and the shared
+    start as `pretrained` when there is one."""
     settings = {**cfg.train, **cfg.arms[arm], "model": model_cfg(model), "data": data, "seed": seed}
     if start:
         settings["pretrained"] = start
@@ -175,6 +177,7 @@ def final_metrics(run_dir: Path, data_yaml: str) -> dict[str, Any]:
 
 
 def _voc07(run_dir: Path, data_yaml: str) -> float:
+    """The VOC07 mAP of the run's last.pt on the validation images, NaN without a difficult-object sidecar."""
     import yaml
 
     from sos_detect.detect.data import image_files, load_data
