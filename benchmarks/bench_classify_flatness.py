@@ -32,7 +32,8 @@ from torch import nn  # noqa: E402
 
 from sos_detect.classify.data import load_classification_data  # noqa: E402
 from sos_detect.classify.models import build_model, final_linear  # noqa: E402
-from sos_detect.classify.train import FINISHED, evaluate, sos_step  # noqa: E402
+from sos_detect.classify.runs import FINISHED  # noqa: E402
+from sos_detect.classify.train import evaluate, sos_step  # noqa: E402
 from sos_detect.core.hessian import (  # noqa: E402
     HessianOperator,
     TraceEstimate,

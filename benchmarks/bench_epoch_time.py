@@ -85,7 +85,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all available cores)")
     a = p.parse_args()
     threads = configure(a.threads)
-    from sos_detect.reproduce.ab import subset_yaml
+    from sos_detect.reproduce.ab_runs import subset_yaml
 
     results = []
     load_before = os.getloadavg()

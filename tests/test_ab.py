@@ -19,7 +19,9 @@ from test_synthetic import digits_idx
 
 from sos_detect.core.stats import sign_test, t_interval, t_quantile
 from sos_detect.detect.synthetic import SynthSpec, build_fashion_det
-from sos_detect.reproduce.ab import PRESETS, ABConfig, Pretrain, aggregate, check_arms, parse_arm, parse_options, run_ab
+from sos_detect.reproduce.ab import run_ab
+from sos_detect.reproduce.ab_presets import PRESETS, ABConfig, Pretrain, check_arms, parse_arm, parse_options
+from sos_detect.reproduce.ab_report import aggregate
 from sos_detect.reproduce.jobs import core_shares
 
 COMMON = [
@@ -213,7 +215,7 @@ def test_jobs_side_by_side_give_the_sequential_table(tmp_path, tiny_data):
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="--jobs 2 needs two cores to pin")
 def test_a_failed_worker_is_one_error_naming_the_run_and_its_log(tmp_path):
-    from sos_detect.reproduce.ab import train_run
+    from sos_detect.reproduce.ab_runs import train_run
     from sos_detect.reproduce.jobs import run_tasks
 
     task = (tmp_path / "runs" / "m_s0_a", {"model": "missing.yaml", "data": "none.yaml", "seed": 0})
@@ -225,7 +227,7 @@ def test_a_failed_worker_is_one_error_naming_the_run_and_its_log(tmp_path):
 
 
 def test_interrupted_run_resumes(tmp_path, tiny_data):
-    from sos_detect.reproduce.ab import _checkpoint_epoch
+    from sos_detect.reproduce.ab_runs import _checkpoint_epoch
 
     args = _ab_cmd(tiny_data, tmp_path, ["--epochs", "3"], arms=["base:sos=False"], seeds=[0])
     cmd = [sys.executable, "-m", "sos_detect.cli", *map(str, args)]

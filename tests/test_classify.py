@@ -15,9 +15,10 @@ import pytest
 import torch
 from torch import nn
 
+from sos_detect.classify.config import TrainConfig
 from sos_detect.classify.data import default_imgsz, load_classification_data
 from sos_detect.classify.digits import write_digits_imagefolder
-from sos_detect.classify.train import TrainConfig, train
+from sos_detect.classify.train import train
 from sos_detect.core.fashion_mnist import read_idx
 from sos_detect.core.optim import NSO, SAM
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from sos_detect.core.stats import mean_std, paired_differences
-from sos_detect.reproduce.ab import aggregate
+from sos_detect.reproduce.ab_report import aggregate
 from sos_detect.reproduce.table5 import PRESETS, published
 
 

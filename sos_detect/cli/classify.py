@@ -124,7 +124,8 @@ def _train_flags(ct: argparse.ArgumentParser) -> None:
 
 def _config(a: argparse.Namespace):
     """The TrainConfig the options describe: given options over TrainConfig's defaults, or over the resumed run's."""
-    from sos_detect.classify.train import TrainConfig, resume_config
+    from sos_detect.classify.config import TrainConfig
+    from sos_detect.classify.runs import resume_config
 
     given = {
         ("batch_size" if k == "batch" else k): v
@@ -150,8 +151,9 @@ def cmd_classify_train(a: argparse.Namespace) -> int:
 
 
 def cmd_classify_shift(a: argparse.Namespace) -> int:
+    from sos_detect.classify.config import config_data
     from sos_detect.classify.models import build_model
-    from sos_detect.classify.train import config_data, shift_classifier
+    from sos_detect.classify.train import shift_classifier
     from sos_detect.reproduce.paper import posthoc_lines
 
     cfg = _config(a)

@@ -490,9 +490,10 @@ def cmd_val(a: argparse.Namespace) -> int:
 def _extra_metrics(a: argparse.Namespace, data: dict[str, Any], device: str) -> None:
     import numpy as np
 
-    from sos_detect.detect.metrics import coco_eval, val_detections, voc07_map
+    from sos_detect.detect.metrics import coco_eval, predict, val_truth, voc07_map
 
-    dets, truths, sidecar = val_detections(a.weights, data, imgsz=a.imgsz, batch=a.batch, device=device)
+    files, truths, sidecar = val_truth(data)
+    dets = predict(a.weights, files, imgsz=a.imgsz, batch=a.batch, device=device)
     if a.voc07:
         mean, aps = voc07_map(dets, truths, int(data["nc"]))
         source = f" (difficult objects from {sidecar})" if sidecar.is_file() else ""

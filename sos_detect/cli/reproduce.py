@@ -108,7 +108,8 @@ def _ab_parser(rsub: argparse._SubParsersAction) -> None:
 
 
 def cmd_ab(a: argparse.Namespace) -> int:
-    from sos_detect.reproduce.ab import ab_config, parse_options, run_ab
+    from sos_detect.reproduce.ab import run_ab
+    from sos_detect.reproduce.ab_presets import ab_config, parse_options
 
     cfg = ab_config(
         a.preset,

@@ -145,18 +145,15 @@ def predict(
     return out
 
 
-def val_detections(
-    weights: str | Path, data: dict, *, imgsz: int, batch: int, device: str
-) -> tuple[dict[str, Detections], dict[str, GroundTruth], Path]:
-    """(predictions, ground truth, the difficult-object sidecar path) on data['val']: the inputs of VOC07 and COCO AP
-    (the sidecar need not exist: then no object is difficult)."""
+def val_truth(data: dict) -> tuple[list[Path], dict[str, GroundTruth], Path]:
+    """(images, ground truth, the difficult-object sidecar path) of data['val']: with `predict`, the inputs of VOC07
+    and COCO AP (the sidecar need not exist: then no object is difficult)."""
     from sos_detect.detect.data import image_files
     from sos_detect.detect.voc import difficult_file_for
 
     files = image_files(data["val"])
     sidecar = difficult_file_for(files)
-    dets = predict(weights, files, imgsz=imgsz, batch=batch, device=device)
-    return dets, load_ground_truth(files, sidecar), sidecar
+    return files, load_ground_truth(files, sidecar), sidecar
 
 
 def coco_eval(

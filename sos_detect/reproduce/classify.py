@@ -14,8 +14,10 @@ from typing import Any
 
 import torch
 
-from sos_detect.classify.train import CHECKPOINT, FINISHED, TrainConfig, changed_settings, train, with_imgsz
-from sos_detect.core.runs import write_csv
+from sos_detect.classify.config import TrainConfig, with_imgsz
+from sos_detect.classify.runs import CHECKPOINT, FINISHED, RESUME_FREE
+from sos_detect.classify.train import train
+from sos_detect.core.runs import finished_record, write_csv, write_text_atomic
 from sos_detect.core.stats import (
     SUMMARY_HEADER,
     fmt,
@@ -121,12 +123,8 @@ def run_scheme(scheme: str, seed: int, base: TrainConfig, out: Path, sos_batch: 
             "seconds": float(final["seconds"]),
             "config": torch.load(folder / FINISHED, map_location="cpu", weights_only=True)["config"],
         }
-        done.write_text(json.dumps(record, indent=1))
-    record = json.loads(done.read_text())
-    changed = changed_settings(record["config"], cfg)
-    if changed:
-        raise ValueError(f"{done}: a finished run with other settings ({', '.join(changed)}); choose another --out")
-    return record
+        write_text_atomic(done, json.dumps(record, indent=1))
+    return finished_record(done, asdict(cfg), key="config", free=RESUME_FREE)
 
 
 def run_task(folder: Path, settings: dict[str, Any]) -> dict[str, Any]:

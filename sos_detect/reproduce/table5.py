@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from sos_detect.detect.embedded import EMBEDDED_YAML, REPO_ROOT
-from sos_detect.reproduce.ab import STUDY_ARMS, ABConfig, run_ab, with_overrides
+from sos_detect.reproduce.ab import run_ab
+from sos_detect.reproduce.ab_presets import STUDY_ARMS, ABConfig, with_overrides
 from sos_detect.reproduce.paper import table5_map50
 
 # Paper, Table 5: VOC mAP50 (%), baseline → with SOS (the printed table swaps the row labels), from the shipped CSV.
