@@ -57,7 +57,17 @@ def _table5_parser(rsub: argparse._SubParsersAction) -> None:
     t5.add_argument("--device", default=None, help="override the preset's device")
     add_options(t5, (OVERRIDES["batch"],))
     t5.add_argument("--arms", default=None, help="comma-separated subset of base,guarded-1e-4,paper-b32 (default all)")
+    _jobs_flag(t5)
     t5.add_argument("--out", default="runs/table5", help="output folder (default runs/table5)")
+
+
+def _jobs_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs side by side, each its own process pinned to 1/JOBS of the cores (default 1: one after another)",
+    )
 
 
 def _ab_parser(rsub: argparse._SubParsersAction) -> None:
@@ -98,12 +108,7 @@ def _ab_parser(rsub: argparse._SubParsersAction) -> None:
         metavar="KEY=VALUE",
         help="a training option common to every arm (repeat)",
     )
-    ab.add_argument(
-        "--jobs",
-        type=int,
-        default=1,
-        help="runs side by side, each its own process pinned to 1/JOBS of the cores (default 1: one after another)",
-    )
+    _jobs_flag(ab)
     ab.add_argument("--out", default=None, help="output folder (default runs/ab/PRESET or runs/ab/custom)")
 
 
@@ -174,12 +179,7 @@ def _classify_parser(rsub: argparse._SubParsersAction) -> None:
         help="CSV with columns scheme,top1 (published test top-1 in %%) set beside the measured table instead of "
         "the paper's Tables 3/4, which ship with sos-detect and appear wherever a row matches",
     )
-    rc.add_argument(
-        "--jobs",
-        type=int,
-        default=1,
-        help="runs side by side, each its own process pinned to 1/JOBS of the cores (default 1: one after another)",
-    )
+    _jobs_flag(rc)
     rc.add_argument("--out", default="runs/classify_table", help="output folder")
 
 
@@ -278,7 +278,7 @@ def cmd_table5(a: argparse.Namespace) -> int:
         overrides["weights"] = _starting_weights(a.weights_dir, models)
     arms = a.arms.split(",") if a.arms else None
     paths = reproduce_table5(
-        a.preset, Path(a.out), models=models, seeds=_seeds(a.seeds), arms=arms, overrides=overrides
+        a.preset, Path(a.out), models=models, seeds=_seeds(a.seeds), arms=arms, overrides=overrides, jobs=a.jobs
     )
     print(Path(paths[0]).read_text())
     print("written: " + ", ".join(map(str, paths)))

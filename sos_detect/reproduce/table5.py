@@ -85,8 +85,9 @@ def reproduce_table5(
     seeds: list[int] | None = None,
     arms: list[str] | None = None,
     overrides: dict[str, Any] | None = None,
+    jobs: int = 1,
 ) -> list[Path]:
-    """Run (or reuse, or resume) every arm; write table5.md, table5.csv and the plots under `out`.
+    """Run (or reuse, or resume) every arm, `jobs` side by side; write table5.md, table5.csv and the plots under `out`.
 
     `overrides`: common training options, plus `data` (a data YAML) and `weights` (model → checkpoint)."""
     overrides = dict(overrides or {})
@@ -99,4 +100,4 @@ def reproduce_table5(
         arms=arms,
         options=overrides,
     )
-    return run_ab(cfg, out, name="table5")
+    return run_ab(cfg, out, name="table5", jobs=jobs)
