@@ -21,6 +21,8 @@ from sos_detect.detect.embedded import REPO_ROOT
 from sos_detect.layers import as_v
 from sos_detect.shift import solve_shift
 
+pytestmark = pytest.mark.slow  # every test trains (the session fixture `runs`: two trainings)
+
 
 @pytest.fixture(scope="session")
 def runs(tmp_path_factory):

@@ -25,6 +25,7 @@ CKPT = REPO_ROOT / "data" / "checkpoints" / "yolov5n-trees.pt"
 CPU = torch.device("cpu")
 
 
+@pytest.mark.slow  # trains
 def test_trainer_logs_trace_and_norm_and_plots(tmp_path):
     tiny_train(
         tmp_path,
@@ -122,6 +123,7 @@ def power_iteration(loss_fn, params, iters=60):
     return lam
 
 
+@pytest.mark.slow  # a real hessian process
 def test_hessian_command_before_after(tmp_path):
     cmd = [
         sys.executable,

@@ -14,6 +14,8 @@ from ultralytics.models.yolo.detect import DetectionTrainer
 from sos_detect.detect import SOSDetectionTrainer, SOSTrainerMixin
 from sos_detect.layers import OPTIMIZER_STATE, as_v
 
+pytestmark = pytest.mark.slow  # every test starts a real training
+
 SEEN: dict[str, dict] = {}
 
 

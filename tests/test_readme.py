@@ -112,6 +112,7 @@ def test_every_readme_command_is_covered():
     assert set(map(as_run, readme_commands())) == set(COMMANDS)
 
 
+@pytest.mark.slow  # the `work` fixture trains twice; some commands run for real
 @pytest.mark.parametrize("command", list(COMMANDS))
 def test_readme_command(command, work, monkeypatch, capsys):
     how, arg = COMMANDS[command]
@@ -132,6 +133,7 @@ def test_readme_command(command, work, monkeypatch, capsys):
     assert snapshot(work) == before  # nothing written
 
 
+@pytest.mark.slow  # the `work` fixture trains
 def test_main_job_folders_and_plots_match_help_and_readme(work, capsys):
     """`--name` help's train-2 is the second run's folder; sos_head_norm.png only for the run that shifted; the
     final validation and `val --weights best.pt` print one mAP (README)."""
@@ -143,6 +145,7 @@ def test_main_job_folders_and_plots_match_help_and_readme(work, capsys):
     assert not (runs / "train-2" / "sos_head_norm.png").exists()
 
 
+@pytest.mark.slow  # the `work` fixture trains
 def test_compare_labels_what_differs_and_never_overwrites(work, monkeypatch, capsys):
     """The legend says what differs between the runs (their args.yaml), the PNG goes under runs/compare and a second
     compare keeps the first one's file."""
@@ -174,6 +177,7 @@ def test_inline_commands_parse():
             apply_key_values(args, extras)  # KEY=VALUE as Ultralytics reads them; an unknown key raises
 
 
+@pytest.mark.slow  # trains
 def test_readme_python_snippets(tmp_path, monkeypatch, capsys):
     """Each snippet as shown, the YOLO training at 1 epoch and 64 px into the test's folder."""
     monkeypatch.chdir(tmp_path)
@@ -188,6 +192,7 @@ def test_readme_python_snippets(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "train" / "weights" / "best.pt").is_file()
 
 
+@pytest.mark.slow  # trains
 def test_readme_inline_runs_at_tiny_size(tmp_path, monkeypatch, capsys):
     """`reproduce sensing` and `reproduce table5 --preset mini`, small: they finish and write what their --help
     promises."""

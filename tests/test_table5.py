@@ -42,6 +42,7 @@ def test_paper_preset_arms_and_published_figures():
     assert base["reference_map50"] == 83.4 and "| paper-b32 | 2 | 83.00 ± 2.83" in md and "s1: +3.00" in md
 
 
+@pytest.mark.slow  # trainings in a real process
 def test_mini_preset_one_seed_two_epochs(tmp_path):
     cmd = [sys.executable, "-m", "sos_detect.cli", "reproduce", "table5", "--preset", "mini", "--seeds", "0"]
     cmd += ["--epochs", "2", "--arms", "base,paper-b32", "--out", str(tmp_path)]  # order start: a shift before epoch 2

@@ -180,6 +180,7 @@ def test_missing_xml_is_named_as_missing(tmp_path):
     assert summary.images == {"train": 1, "val": 1}
 
 
+@pytest.mark.slow  # trains in a real process
 def test_mission_command_after_conversion(tmp_path):
     """`sos-detect train --cfg yolov5s.yaml --data voc.yaml` finds the converted VOC (tiny settings); before the
     conversion it says in one line what to run, and `--data configs/voc.yaml` names the real missing path."""
