@@ -526,6 +526,7 @@ def test_an_internal_error_is_one_line_with_the_traceback_in_a_file(tmp_path, ca
     assert report.startswith(str(tmp_path)) and "1 / 0" in Path(report).read_text()
 
 
+@pytest.mark.slow  # trains an epoch
 def test_9_a_diverged_classifier_is_not_saved_as_a_finished_run(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = ["classify", "train", "--model", "smallcnn", "--data", "digits", "--epochs", 1, "--lr", 1e30]

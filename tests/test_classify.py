@@ -266,6 +266,7 @@ def test_weights_with_wrong_class_count(tmp_path, capsys):
     assert Path(tmp_path / "w.pt").is_file()
 
 
+@pytest.mark.slow  # builds a VGG-16
 def test_model_that_cannot_take_the_inputs(tmp_path, capsys):
     args = ["--model", "vgg16_bn", "--data", "digits", "--epochs", 1, "--project", tmp_path / "o"]
     code, _, err = cli_main(capsys, "classify", "train", *args)
@@ -275,7 +276,13 @@ def test_model_that_cannot_take_the_inputs(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    "name,last", [("resnet18", "fc"), ("resnet50", "fc"), ("vgg16_bn", "classifier.3"), ("densenet201", "classifier")]
+    "name,last",
+    [
+        ("resnet18", "fc"),
+        ("resnet50", "fc"),
+        pytest.param("vgg16_bn", "classifier.3", marks=pytest.mark.slow),  # 138 M parameters: ~5 s to build
+        ("densenet201", "classifier"),
+    ],
 )
 def test_cifar_models_take_32px_and_end_in_the_shifted_linear(name, last):
     from sos_detect.classify.models import build_model, final_linear

@@ -86,6 +86,7 @@ def tiny_float64_detector(nc: int | None):
     return model.double(), batches
 
 
+@pytest.mark.slow  # unit-vector HVPs of a float64 detector (~5 s each)
 @pytest.mark.parametrize("nc", [None, 3])
 def test_head_block_diagonals_match_exact_hessian(nc):
     """The cls closed form (full block trace) and the output-space box diagonal (64 sampled entries) against
