@@ -160,7 +160,7 @@ def without_seconds(rows):
 
 
 @pytest.mark.slow  # trains in real processes
-def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
+def test_interrupted_run_resumes_to_the_same_weights(tmp_path, capsys):
     # NSO noise, Mixup, shuffling and SOS sampling all draw random numbers: each stream must be restored
     kw = dict(optimizer="nso", sigma=0.005, mixup=0.2, sos=True, sos_mode="paper", sos_batch=32)
     straight = train(digits_cfg(tmp_path, name="straight", **kw))
@@ -176,8 +176,8 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
     # `classify train --resume` finds the unfinished run by --project/--name and takes its settings; options that
     # differ from them are refused, nothing is touched
     where = ("--project", tmp_path, "--name", "cut")
-    other = cli("train", *where, "--resume", "--lr", "0.1")
-    assert other.returncode == 2 and "last.pt" in other.stderr and "lr 0.05 → 0.1" in other.stderr
+    code, _, err = cli_main(capsys, "classify", "train", *where, "--resume", "--lr", "0.1")  # refused in-process
+    assert code == 2 and "last.pt" in err and "lr 0.05 → 0.1" in err
     assert torch.load(run / "last.pt", weights_only=True)["rows"] == saved["rows"]
     res = cli("train", *where, "--resume")
     assert res.returncode == 0, res.stderr[-2000:]
@@ -204,7 +204,7 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
 
 
 @pytest.mark.slow  # trains in real processes
-def test_run_folders_auto_increment_from_the_cli(tmp_path):
+def test_run_folders_auto_increment_from_the_cli(tmp_path, capsys):
     base = ("train", "--model", "mlp", "--data", "digits", "--epochs", 1, "--project", tmp_path, "--name", "exp")
     first = cli(*base)
     assert first.returncode == 0, first.stderr[-2000:]
@@ -218,10 +218,8 @@ def test_run_folders_auto_increment_from_the_cli(tmp_path):
     assert "1/1" in second.stdout and "acc" in second.stdout
     final = [line for line in second.stdout.splitlines() if line.startswith("Final")]
     assert len(final) == 1 and "exp-2/model.pt" in final[0] and "top-1" in final[0] and "top-5" in final[0]
-    refused = cli(*base, "--exist-ok")
-    assert (
-        refused.returncode == 2 and "finished run" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
-    )
+    code, _, err = cli_main(capsys, "classify", *base, "--exist-ok")  # refused in-process
+    assert code == 2 and "finished run" in err and len(err.strip().splitlines()) == 1
     assert (tmp_path / "exp" / "model.pt").read_bytes() == model
 
 
