@@ -86,8 +86,8 @@ def cli_main(capsys, *args) -> tuple[int, str, str]:
 
 
 def cli_error(capsys, *args) -> str:
-    """The single stderr line of `sos-detect ARGS` run in this process, asserting exit code 2 and one line (the
-    in-process `error_line(run_cli(...))`, for errors found before anything runs)."""
+    """The single stderr line of `sos-detect ARGS` run in this process, asserting exit code 2 and one line (errors
+    found before anything runs; `run_cli` where the real process is what is tested)."""
     code, _, err = cli_main(capsys, *args)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1, (code, err[-3000:])
@@ -107,10 +107,3 @@ def snapshot(*roots):
             elif f.is_dir():
                 out[str(f)] = "dir"
     return out
-
-
-def error_line(res) -> str:
-    """The single stderr line of a failed command (asserting exit code 2 and that it is one line)."""
-    lines = res.stderr.strip().splitlines()
-    assert res.returncode == 2 and len(lines) == 1, (res.returncode, res.stderr[-3000:])
-    return lines[0]
