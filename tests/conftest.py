@@ -72,6 +72,28 @@ def run_cli(*args, cwd=None, env=None, timeout=600):
     )
 
 
+def cli_main(capsys, *args) -> tuple[int, str, str]:
+    """`sos-detect ARGS` in this process (no interpreter start): (exit code, stdout, stderr). argparse's own errors
+    leave through SystemExit; its code is the exit code a real process would have."""
+    from sos_detect.cli import main
+
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as exit_:
+        code = exit_.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def cli_error(capsys, *args) -> str:
+    """The single stderr line of `sos-detect ARGS` run in this process, asserting exit code 2 and one line (errors
+    found before anything runs; `run_cli` where the real process is what is tested)."""
+    code, _, err = cli_main(capsys, *args)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, (code, err[-3000:])
+    return lines[0]
+
+
 def snapshot(*roots):
     """{file: sha256} of every file under `roots` (to show that nothing changed and nothing appeared)."""
     import hashlib
@@ -85,10 +107,3 @@ def snapshot(*roots):
             elif f.is_dir():
                 out[str(f)] = "dir"
     return out
-
-
-def error_line(res) -> str:
-    """The single stderr line of a failed command (asserting exit code 2 and that it is one line)."""
-    lines = res.stderr.strip().splitlines()
-    assert res.returncode == 2 and len(lines) == 1, (res.returncode, res.stderr[-3000:])
-    return lines[0]

@@ -100,6 +100,7 @@ def test_aggregate_published_column_and_ties():
     assert "83.4" in md and "voc07" not in md  # not measured: no column, no row
 
 
+@pytest.mark.slow  # the study: 6 tiny trainings
 def test_study_statistics_recomputed_from_the_runs(study):
     out, _ = study
     final = {
@@ -151,6 +152,7 @@ def test_study_statistics_recomputed_from_the_runs(study):
     assert not (out / "runs" / "yolov5n_s1_guarded" / "sos_head_norm.png").exists()  # plots=False is obeyed
 
 
+@pytest.mark.slow  # the study
 def test_finished_runs_reused_only_with_equal_settings(study, tiny_data):
     out, _ = study
     before = (out / "ab.csv").read_text()
@@ -162,6 +164,7 @@ def test_finished_runs_reused_only_with_equal_settings(study, tiny_data):
     assert "done.json: a finished run with other settings (epochs 2 → 3)" in changed.stderr
 
 
+@pytest.mark.slow  # the study
 def test_compare_plots_the_csv_columns(study, tmp_path):
     from sos_detect.detect.compare import compare_runs
 
@@ -184,6 +187,7 @@ def test_compare_plots_the_csv_columns(study, tmp_path):
     assert res.returncode == 0 and (tmp_path / "cli.png").is_file(), res.stderr[-2000:]
 
 
+@pytest.mark.slow  # trainings in worker processes
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="--jobs 2 needs two cores to pin")
 def test_jobs_side_by_side_give_the_sequential_table(tmp_path, tiny_data):
     # one thread per run both ways: one after another with OMP_NUM_THREADS=1, side by side on one core each
@@ -213,6 +217,7 @@ def test_jobs_side_by_side_give_the_sequential_table(tmp_path, tiny_data):
     assert len(too_many.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow  # a worker process
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="--jobs 2 needs two cores to pin")
 def test_a_failed_worker_is_one_error_naming_the_run_and_its_log(tmp_path):
     from sos_detect.reproduce.ab_runs import train_run
@@ -226,6 +231,7 @@ def test_a_failed_worker_is_one_error_naming_the_run_and_its_log(tmp_path):
     assert not (tmp_path / "runs" / "m_s0_a" / "done.json").exists()
 
 
+@pytest.mark.slow  # trainings, a killed process
 def test_interrupted_run_resumes(tmp_path, tiny_data):
     from sos_detect.reproduce.ab_runs import _checkpoint_epoch
 
@@ -249,6 +255,7 @@ def test_interrupted_run_resumes(tmp_path, tiny_data):
     assert _column(run, "epoch") == [1.0, 2.0, 3.0]
 
 
+@pytest.mark.slow  # trainings
 def test_finetune_regime_pretrains_one_shared_start(tmp_path, tiny_data):
     common = dict(epochs=1, imgsz=64, batch=8, workers=0, device="cpu", amp=False, plots=False, warmup_epochs=0)
     hessian = dict(sos_images=8, sos_hessian_every=1, sos_hessian_images=2, sos_hessian_probes=4)

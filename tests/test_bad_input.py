@@ -1,5 +1,6 @@
 """Bad input never costs a model (issue #17): every case is one line naming the file or option as typed,
-exit code 2, no input changed and nothing written. Real files, real processes."""
+exit code 2, no input changed and nothing written. Real files; in this process where the error comes before anything
+runs (`cli_error`), real processes where the process itself is tested (signals, kills, environment read at import)."""
 
 import os
 import shutil
@@ -7,11 +8,12 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import error_line, run_cli, snapshot
+from conftest import cli_error, cli_main, snapshot
 from ultralytics.nn.tasks import ClassificationModel
 from ultralytics.utils.patches import torch_load
 
@@ -126,16 +128,16 @@ CASE_COUNT = 22
 
 
 @pytest.mark.parametrize("index", range(CASE_COUNT))
-def test_bad_input_is_one_line_and_writes_nothing(inputs, tmp_path, index):
+def test_bad_input_is_one_line_and_writes_nothing(inputs, tmp_path, monkeypatch, capsys, index):
     ro = _read_only_dir(tmp_path)
     all_cases = cases(inputs["dir"], inputs["nan_name"], inputs["first_corrupt"], ro)
     assert len(all_cases) == CASE_COUNT
     args, expected = all_cases[index]
     work = tmp_path / "work"
     work.mkdir()
+    monkeypatch.chdir(work)
     before = snapshot(inputs["dir"], CKPT, TREES)
-    res = run_cli(*args, "--device", "cpu", cwd=work)
-    line = error_line(res)
+    line = cli_error(capsys, *args, "--device", "cpu")
     command = " ".join(a for a in map(str, args[:2]) if not a.startswith("-") and "=" not in a and "/" not in a)
     assert line.startswith(f"sos-detect {command}: error: "), line
     assert expected in line, line
@@ -143,6 +145,7 @@ def test_bad_input_is_one_line_and_writes_nothing(inputs, tmp_path, index):
     assert snapshot(work) == {}  # nothing written where the command ran
 
 
+@pytest.mark.slow  # a real training process and a real SIGINT
 def test_an_interrupted_first_epoch_leaves_no_run_folder(tmp_path):
     """The run folder exists only once the run has a checkpoint: Ctrl-C in epoch 1 removes it, so a retry gets
     the same name (no train2, train3, … of empty folders)."""
@@ -162,13 +165,14 @@ def test_an_interrupted_first_epoch_leaves_no_run_folder(tmp_path):
     assert (tmp_path / "runs" / "sos").is_dir()  # the project folder itself may stay: it holds no run
 
 
-def test_an_ultralytics_dataset_name_offline_says_what_is_missing(tmp_path):
+def test_an_ultralytics_dataset_name_offline_says_what_is_missing(tmp_path, monkeypatch, capsys):
     from ultralytics.utils import DATASETS_DIR
 
     if (DATASETS_DIR / "coco8").exists():
         pytest.skip("coco8 is installed here")
-    res = run_cli("train", "--data", "coco8.yaml", cwd=tmp_path, env={"YOLO_OFFLINE": "1"})
-    line = error_line(res)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("YOLO_OFFLINE", "1")  # read when the data is checked (sos_detect.core.runtime.downloads_allowed)
+    line = cli_error(capsys, "train", "--data", "coco8.yaml")
     assert line.startswith("sos-detect train: error: --data coco8.yaml (") and "cfg/datasets/coco8.yaml)" in line
     assert f"images not found: train: images/train is {DATASETS_DIR}/coco8/images/train, which does not exist" in line
     assert line.endswith("Ultralytics would download it, but downloads are off (YOLO_OFFLINE=1, see the README)")
@@ -176,22 +180,6 @@ def test_an_ultralytics_dataset_name_offline_says_what_is_missing(tmp_path):
 
 
 # -- round 2 (issue #25): one test per cause ------------------------------------------------------------------------
-
-
-def _main(capsys, *args):
-    """`sos-detect ARGS` in this process: (exit code, the single stderr line)."""
-    from sos_detect.cli import main
-
-    code = main([str(a) for a in args])
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1, lines
-    return code, lines[0]
-
-
-def _refused(capsys, *args):
-    code, line = _main(capsys, *args)
-    assert code == 2, line
-    return line
 
 
 def _trees(root, name="trees"):
@@ -219,10 +207,10 @@ def test_1_builders_never_write_into_an_existing_dataset(tmp_path, capsys, monke
         ["data", "voc", "--root", tmp_path / "VOCdevkit", "--out", dataset],
         ["data", "deepforest", "--src", tmp_path / "x.whl", "--out", dataset],
     ):
-        line = _refused(capsys, *args)
+        line = cli_error(capsys, *args)
         assert f"error: --out {dataset}: not empty (" in line and "pass --force" in line, line
         assert snapshot(tmp_path) == before
-    assert _refused(capsys, "data", "voc", "--root", tmp_path / "none", "--out", tmp_path / "new" / "voc")
+    assert cli_error(capsys, "data", "voc", "--root", tmp_path / "none", "--out", tmp_path / "new" / "voc")
     assert snapshot(tmp_path) == before  # a failed build into a new folder leaves no folder behind
     assert main(["data", "fashion-det", *map(str, tiny), "--out", str(dataset), "--force"]) == 0
     assert (dataset / "mine.txt").read_text() == "my notes" and (dataset / "fashion-det.yaml").is_file()
@@ -230,7 +218,7 @@ def test_1_builders_never_write_into_an_existing_dataset(tmp_path, capsys, monke
     assert sorted(p.name for p in tmp_path.iterdir()) == ["idx", "trees", "trees.yaml"]  # no build folder left
 
 
-def test_2_untrusted_yaml_is_bounded_before_anything_reads_it(tmp_path):
+def test_2_untrusted_yaml_is_bounded_before_anything_reads_it(tmp_path, monkeypatch, capsys):
     """Exponential anchors (a billion names), a self-referencing list and a list as a class name: one line each,
     in seconds (the anchors used to hang in Ultralytics' class-name check)."""
     levels = ["a", "b", "c", "d", "e", "f", "g", "h", "i"]
@@ -245,11 +233,14 @@ def test_2_untrusted_yaml_is_bounded_before_anything_reads_it(tmp_path):
         "self.yaml": ("train: images/train\nval: images/val\nnames: &n [*n]\n", "nested deeper than 64 levels"),
         "list.yaml": ("train: images/train\nval: images/val\nnames: [[a, b]]\n", "names: class 0 is a list, not a"),
     }
+    monkeypatch.chdir(tmp_path)
     for file, (text, expected) in files.items():
         (tmp_path / file).write_text(text)
-        res = run_cli("train", "--data", tmp_path / file, cwd=tmp_path, timeout=120)
-        assert error_line(res) == f"sos-detect train: error: {tmp_path / file}: " + error_line(res).split(": ", 3)[3]
-        assert expected in error_line(res)
+        start = time.monotonic()
+        line = cli_error(capsys, "train", "--data", tmp_path / file)
+        assert time.monotonic() - start < 120  # in seconds, not a hang
+        assert line == f"sos-detect train: error: {tmp_path / file}: " + line.split(": ", 3)[3]
+        assert expected in line
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(files)
 
 
@@ -268,7 +259,7 @@ def test_3_label_lines_are_checked_finite_first(tmp_path, capsys, monkeypatch, l
     label = sorted((dataset / "labels" / "train").iterdir())[0]
     label.write_text(line + "\n")
     before = snapshot(tmp_path)
-    assert _refused(capsys, "train", "--data", data) == f"sos-detect train: error: {label}:1: {expected}"
+    assert cli_error(capsys, "train", "--data", data) == f"sos-detect train: error: {label}:1: {expected}"
     assert snapshot(tmp_path) == before
 
 
@@ -277,7 +268,7 @@ def test_3_an_orphan_label_file_is_named(tmp_path, capsys, monkeypatch):
     dataset, data = _trees(tmp_path)
     orphan = dataset / "labels" / "val" / "no_such_image.txt"
     orphan.write_text("0 0.5 0.5 0.1 0.1\n")
-    line = _refused(capsys, "val", "--weights", CKPT, "--data", data)
+    line = cli_error(capsys, "val", "--weights", CKPT, "--data", data)
     assert (
         line == f"sos-detect val: error: {orphan}: label file without an image (1 in 'val'); Ultralytics would "
         "ignore it: add its image or remove it"
@@ -292,7 +283,7 @@ def test_4_images_are_decoded_not_only_their_headers(tmp_path, capsys, monkeypat
     cut = sorted((dataset / "images" / "train").iterdir())[3]
     cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
     before = snapshot(tmp_path)
-    line = _refused(capsys, "train", "--data", data)
+    line = cli_error(capsys, "train", "--data", data)
     assert (
         line == f"sos-detect train: error: {cut}: JPEG does not end with its end-of-image marker (cut short, or "
         "bytes after it) (1 of 37 'train' images unreadable)"
@@ -306,7 +297,7 @@ def test_4_images_are_decoded_not_only_their_headers(tmp_path, capsys, monkeypat
     bad = sorted((folder / "val" / "b").iterdir())[0]
     bad.write_bytes(bad.read_bytes()[:3000])
     before = snapshot(tmp_path)
-    line = _refused(capsys, "classify", "train", "--model", "smallcnn", "--data", "imagefolder", "--root", folder)
+    line = cli_error(capsys, "classify", "train", "--model", "smallcnn", "--data", "imagefolder", "--root", folder)
     assert line.startswith(f"sos-detect classify train: error: {bad}: JPEG does not end with"), line
     assert snapshot(tmp_path) == before
 
@@ -331,13 +322,13 @@ def test_5_checkpoint_structure_is_compared(tmp_path, capsys, monkeypatch):
     before = snapshot(tmp_path)
     head = tmp_path / "head.pt"
     for command, out in (("val", []), ("shift", ["--out", tmp_path / "o.pt"])):
-        line = _refused(capsys, command, "--weights", head, *out)
+        line = cli_error(capsys, command, "--weights", head, *out)
         assert (
             line == f"sos-detect {command}: error: --weights {head}: model Detect head: cls.1 conv has 3 outputs, "
             "but the head has nc = 1 classes"
         )
     last = tmp_path / "run" / "weights" / "last.pt"
-    line = _refused(capsys, "train", "--resume", last)
+    line = cli_error(capsys, "train", "--resume", last)
     assert line.startswith(f"sos-detect train: error: --resume {last}")
     assert line.endswith(
         ": non-finite optimizer state (NaN or inf): momentum_buffer of parameter 0; it cannot be resumed"
@@ -353,14 +344,14 @@ def test_6_unchecked_inputs_are_one_line(tmp_path, capsys, monkeypatch):
     run.mkdir()
     (run / "results.csv").write_text("epoch,metrics/mAP50(B)\n")
     before = snapshot(tmp_path)
-    assert _refused(capsys, "train", "--imgsz", 100000).endswith("--imgsz 100000: must be an integer in [32, 4096]")
-    assert _refused(capsys, "val", "--weights", CKPT, "imgsz=100000").endswith(": must be an integer in [32, 4096]")
-    line = _refused(capsys, "compare", run)
+    assert cli_error(capsys, "train", "--imgsz", 100000).endswith("--imgsz 100000: must be an integer in [32, 4096]")
+    assert cli_error(capsys, "val", "--weights", CKPT, "imgsz=100000").endswith(": must be an integer in [32, 4096]")
+    line = cli_error(capsys, "compare", run)
     assert (
         line == f"sos-detect compare: error: {run / 'results.csv'}: no epoch logged (the run stopped before its "
         "first epoch ended)"
     )
-    line = _refused(capsys, "reproduce", "table5", "--preset", "paper", "--out", tmp_path / "t5")
+    line = cli_error(capsys, "reproduce", "table5", "--preset", "paper", "--out", tmp_path / "t5")
     assert "images not found: train: ../datasets/voc/images/train" in line and "run `sos-detect data voc" in line
     assert snapshot(tmp_path) == before
 
@@ -386,7 +377,7 @@ def test_6_unchecked_inputs_are_one_line(tmp_path, capsys, monkeypatch):
 )
 def test_7_conflicting_or_ignored_options_are_refused(tmp_path, capsys, monkeypatch, args, expected):
     monkeypatch.chdir(tmp_path)
-    line = _refused(capsys, *args)
+    line = cli_error(capsys, *args)
     assert line.split(": error: ", 1)[1].startswith(expected), line
     assert snapshot(tmp_path) == {}
 
@@ -415,14 +406,14 @@ def test_8_reproduce_ab_arguments_are_checked_before_any_arm_trains(tmp_path, ca
     from sos_detect.detect.embedded import EMBEDDED_YAML
 
     monkeypatch.chdir(tmp_path)
-    line = _refused(capsys, "reproduce", "ab", "--data", EMBEDDED_YAML, "--out", tmp_path / "ab", *args)
+    line = cli_error(capsys, "reproduce", "ab", "--data", EMBEDDED_YAML, "--out", tmp_path / "ab", *args)
     assert line.split(": error: ", 1)[1].startswith(expected), line
     assert snapshot(tmp_path) == {}
 
 
 def test_8_a_preset_arm_is_not_replaced(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    line = _refused(capsys, "reproduce", "ab", "--preset", "synth-scratch", "--arm", "base:sos_tau=1e-3")
+    line = cli_error(capsys, "reproduce", "ab", "--preset", "synth-scratch", "--arm", "base:sos_tau=1e-3")
     assert line.endswith(
         "--arm base:sos_tau=1e-3: arm 'base' is already an arm of the preset; give each arm its own name"
     )
@@ -451,7 +442,7 @@ def _image_folder(root, classes=("a", "b")):
 )
 def test_9_classify_train_options_are_checked_before_the_run_folder(tmp_path, capsys, monkeypatch, args, expected):
     monkeypatch.chdir(tmp_path)
-    line = _refused(capsys, "classify", "train", "--model", "smallcnn", "--data", "digits", "--epochs", 1, *args)
+    line = cli_error(capsys, "classify", "train", "--model", "smallcnn", "--data", "digits", "--epochs", 1, *args)
     assert line.split(": error: ", 1)[1].startswith(expected), line
     assert snapshot(tmp_path) == {}
 
@@ -460,16 +451,16 @@ def test_9_a_one_class_image_folder_is_refused(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     folder = _image_folder(tmp_path / "one", classes=("a",))
     before = snapshot(tmp_path)
-    line = _refused(capsys, "classify", "train", "--model", "smallcnn", "--data", "imagefolder", "--root", folder)
+    line = cli_error(capsys, "classify", "train", "--model", "smallcnn", "--data", "imagefolder", "--root", folder)
     assert line.endswith(f"{folder / 'train'}: 1 class folder (a); classification needs at least 2")
     assert snapshot(tmp_path) == before
 
 
 def test_10_sizes_asked_for_are_not_capped(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    line = _refused(capsys, "hessian", "--weights", CKPT, "--images", 100000)
+    line = cli_error(capsys, "hessian", "--weights", CKPT, "--images", 100000)
     assert line.endswith(f"--images 100000: the training split has only 37 images ({TREES / 'images' / 'train'})")
-    assert _refused(capsys, "data", "fashion-det", "--train", 0).endswith("--train 0: must be an integer >= 1")
+    assert cli_error(capsys, "data", "fashion-det", "--train", 0).endswith("--train 0: must be an integer >= 1")
     assert snapshot(tmp_path) == {}
 
 
@@ -489,6 +480,7 @@ def _start_and_kill(cwd):
     return proc.pid
 
 
+@pytest.mark.slow  # real training processes, SIGKILLed
 def test_11_a_run_killed_before_its_first_checkpoint_is_not_a_run(tmp_path):
     """SIGKILL leaves args.yaml and an empty weights/ (Ultralytics makes them); the next run recognises the folder
     by its marker (a process of this host that is gone), removes it and takes the name again instead of train2."""
@@ -507,9 +499,9 @@ def test_12_messages_keep_every_line_and_check_outputs_first(tmp_path, capsys, m
     """A path with a newline is shown whole on one line; compare --out x.csv is refused before any run is read."""
     monkeypatch.chdir(tmp_path)
     odd = tmp_path / "two\nlines.yaml"
-    line = _refused(capsys, "train", "--data", odd)
+    line = cli_error(capsys, "train", "--data", odd)
     assert line == f"sos-detect train: error: --data {tmp_path}/two\\nlines.yaml: data YAML not found"
-    line = _refused(capsys, "compare", tmp_path / "no-run", "--out", "x.csv")
+    line = cli_error(capsys, "compare", tmp_path / "no-run", "--out", "x.csv")
     assert line.startswith("sos-detect compare: error: --out x.csv: .csv is not a figure format; use one of")
     assert snapshot(tmp_path) == {}
 
@@ -525,16 +517,19 @@ def test_an_internal_error_is_one_line_with_the_traceback_in_a_file(tmp_path, ca
     monkeypatch.setattr(sos_detect.detect.compare, "compare_runs", bug)
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     monkeypatch.setattr(tempfile, "tempdir", None)
-    code, line = _main(capsys, "compare", tmp_path / "run")
+    code, _, err = cli_main(capsys, "compare", tmp_path / "run")
+    assert len(err.strip().splitlines()) == 1, err
+    line = err.strip()
     prefix = "sos-detect compare: internal error (a bug in sos-detect, please report it): ZeroDivisionError: "
     assert code == 1 and line.startswith(prefix + "division by zero; traceback in "), line
     report = line.rsplit("traceback in ", 1)[1]
     assert report.startswith(str(tmp_path)) and "1 / 0" in Path(report).read_text()
 
 
+@pytest.mark.slow  # trains an epoch
 def test_9_a_diverged_classifier_is_not_saved_as_a_finished_run(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = ["classify", "train", "--model", "smallcnn", "--data", "digits", "--epochs", 1, "--lr", 1e30]
-    line = _refused(capsys, *args, "--device", "cpu")
+    line = cli_error(capsys, *args, "--device", "cpu")
     assert line == "sos-detect classify train: error: --lr 1e+30: training diverged in epoch 1 (loss nan); lower it"
     assert not (tmp_path / "runs" / "classify" / "train").exists()

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import cli_main
 from torch import nn
 
 from sos_detect.classify.config import TrainConfig
@@ -84,6 +85,7 @@ def digits_cfg(tmp_path, **kw):
     return TrainConfig(**{**base, "project": str(tmp_path), "name": "run", **kw})
 
 
+@pytest.mark.slow  # trains
 @pytest.mark.parametrize("optimizer", ["sgd", "sam", "nso"])
 def test_each_scheme_trains_on_digits(tmp_path, optimizer):
     result = train(digits_cfg(tmp_path, optimizer=optimizer, sigma=0.005))
@@ -92,6 +94,7 @@ def test_each_scheme_trains_on_digits(tmp_path, optimizer):
     assert (tmp_path / "run" / "log.csv").is_file() and (tmp_path / "run" / "model.pt").is_file()
 
 
+@pytest.mark.slow  # trains
 def test_digits_test_loss_agrees_with_accuracy(tmp_path):
     """Pixels constant in the training split (std 0) stay finite on test images: the old std + 1e-6 scaling made
     them 1e6 and the test loss 240-2227 at 94 % top-1. Loss and accuracy recomputed from scikit-learn and numpy."""
@@ -119,6 +122,7 @@ def test_digits_test_loss_agrees_with_accuracy(tmp_path):
     assert final["test_top1"] > 0.9 and final["test_loss"] < 0.5
 
 
+@pytest.mark.slow  # trains
 @pytest.mark.parametrize("mode", ["guarded", "paper"])
 def test_sos_in_the_loop_lowers_last_norm_with_bounded_loss(tmp_path, mode):
     cfg = digits_cfg(tmp_path, sos=True, sos_mode=mode, sos_batch=32, sos_samples=1024, sos_tau=1e-3, epochs=4)
@@ -157,7 +161,8 @@ def without_seconds(rows):
     return [{k: v for k, v in r.items() if "seconds" not in k} for r in rows]
 
 
-def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
+@pytest.mark.slow  # trains in real processes
+def test_interrupted_run_resumes_to_the_same_weights(tmp_path, capsys):
     # NSO noise, Mixup, shuffling and SOS sampling all draw random numbers: each stream must be restored
     kw = dict(optimizer="nso", sigma=0.005, mixup=0.2, sos=True, sos_mode="paper", sos_batch=32)
     straight = train(digits_cfg(tmp_path, name="straight", **kw))
@@ -173,8 +178,8 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
     # `classify train --resume` finds the unfinished run by --project/--name and takes its settings; options that
     # differ from them are refused, nothing is touched
     where = ("--project", tmp_path, "--name", "cut")
-    other = cli("train", *where, "--resume", "--lr", "0.1")
-    assert other.returncode == 2 and "last.pt" in other.stderr and "lr 0.05 → 0.1" in other.stderr
+    code, _, err = cli_main(capsys, "classify", "train", *where, "--resume", "--lr", "0.1")  # refused in-process
+    assert code == 2 and "last.pt" in err and "lr 0.05 → 0.1" in err
     assert torch.load(run / "last.pt", weights_only=True)["rows"] == saved["rows"]
     res = cli("train", *where, "--resume")
     assert res.returncode == 0, res.stderr[-2000:]
@@ -200,7 +205,8 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
     assert again["save_dir"] == tmp_path / "cut-2" and (run / "model.pt").stat().st_mtime_ns == stamp
 
 
-def test_run_folders_auto_increment_from_the_cli(tmp_path):
+@pytest.mark.slow  # trains in real processes
+def test_run_folders_auto_increment_from_the_cli(tmp_path, capsys):
     base = ("train", "--model", "mlp", "--data", "digits", "--epochs", 1, "--project", tmp_path, "--name", "exp")
     first = cli(*base)
     assert first.returncode == 0, first.stderr[-2000:]
@@ -214,10 +220,8 @@ def test_run_folders_auto_increment_from_the_cli(tmp_path):
     assert "1/1" in second.stdout and "acc" in second.stdout
     final = [line for line in second.stdout.splitlines() if line.startswith("Final")]
     assert len(final) == 1 and "exp-2/model.pt" in final[0] and "top-1" in final[0] and "top-5" in final[0]
-    refused = cli(*base, "--exist-ok")
-    assert (
-        refused.returncode == 2 and "finished run" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
-    )
+    code, _, err = cli_main(capsys, "classify", *base, "--exist-ok")  # refused in-process
+    assert code == 2 and "finished run" in err and len(err.strip().splitlines()) == 1
     assert (tmp_path / "exp" / "model.pt").read_bytes() == model
 
 
@@ -243,31 +247,42 @@ def cli(*args):
     )
 
 
-def test_missing_dataset_root(tmp_path):
-    res = cli("train", "--data", "cifar10", "--root", tmp_path / "nope", "--epochs", 1, "--project", tmp_path / "o")
-    assert res.returncode == 2 and "nope" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+def test_missing_dataset_root(tmp_path, capsys):
+    args = ["--data", "cifar10", "--root", tmp_path / "nope", "--epochs", 1, "--project", tmp_path / "o"]
+    code, _, err = cli_main(capsys, "classify", "train", *args)
+    assert code == 2 and "nope" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
 
 
-def test_weights_with_wrong_class_count(tmp_path):
+def test_weights_with_wrong_class_count(tmp_path, capsys):
     from sos_detect.classify.models import small_cnn
 
     torch.save(small_cnn(num_classes=7).state_dict(), tmp_path / "w.pt")
-    res = cli("shift", "--model", "smallcnn", "--data", "digits", "--weights", tmp_path / "w.pt")
-    assert res.returncode == 2
-    assert "w.pt" in res.stderr and "class count" in res.stderr
+    code, _, err = cli_main(
+        capsys, "classify", "shift", "--model", "smallcnn", "--data", "digits", "--weights", tmp_path / "w.pt"
+    )
+    assert code == 2
+    assert "w.pt" in err and "class count" in err
     assert Path(tmp_path / "w.pt").is_file()
 
 
-def test_model_that_cannot_take_the_inputs(tmp_path):
-    res = cli("train", "--model", "vgg16_bn", "--data", "digits", "--epochs", 1, "--project", tmp_path / "o")
-    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
-    assert "--model vgg16_bn cannot take --data digits inputs of shape (1, 8, 8)" in res.stderr
+@pytest.mark.slow  # builds a VGG-16
+def test_model_that_cannot_take_the_inputs(tmp_path, capsys):
+    args = ["--model", "vgg16_bn", "--data", "digits", "--epochs", 1, "--project", tmp_path / "o"]
+    code, _, err = cli_main(capsys, "classify", "train", *args)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "--model vgg16_bn cannot take --data digits inputs of shape (1, 8, 8)" in err
     assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize(
-    "name,last", [("resnet18", "fc"), ("resnet50", "fc"), ("vgg16_bn", "classifier.3"), ("densenet201", "classifier")]
+    "name,last",
+    [
+        ("resnet18", "fc"),
+        ("resnet50", "fc"),
+        pytest.param("vgg16_bn", "classifier.3", marks=pytest.mark.slow),  # 138 M parameters: ~5 s to build
+        ("densenet201", "classifier"),
+    ],
 )
 def test_cifar_models_take_32px_and_end_in_the_shifted_linear(name, last):
     from sos_detect.classify.models import build_model, final_linear
@@ -329,6 +344,7 @@ def _watch():
     return module.watch
 
 
+@pytest.mark.slow  # trains a ResNet-18
 def test_imagefolder_resnet18_sam_sos_peak_memory(tmp_path):
     """resnet18 + SAM + SOS at batch 64 on a 32×32 ImageFolder stays under 3 GB RSS on CPU (a real process, killed at
     the bound). The issue's run took every ImageFolder to 224 px: 24 GB before the kernel killed it."""

@@ -34,6 +34,7 @@ def reproduce(out, *args):
     return subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow  # trainings in a real process
 def test_mini_harness_on_digits_with_paper_figures(tmp_path):
     # Stand-in figures written by this test, not the paper's: they exercise the side-by-side columns.
     paper = tmp_path / "paper.csv"
@@ -85,6 +86,7 @@ def test_mini_harness_on_digits_with_paper_figures(tmp_path):
     assert len(other.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow  # trainings
 def test_terminal_preset_plan_and_a_tiny_slice(tmp_path, capsys):
     from sos_detect.classify.models import build_model, final_linear
     from sos_detect.cli import main
@@ -113,6 +115,7 @@ def test_terminal_preset_plan_and_a_tiny_slice(tmp_path, capsys):
     capsys.readouterr()
 
 
+@pytest.mark.slow  # trainings in worker processes
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="--jobs 2 needs two cores to pin")
 def test_jobs_side_by_side_give_the_sequential_table(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread per run both ways
@@ -193,6 +196,7 @@ def test_read_cifar_python_layout(tmp_path):
         read_cifar(tmp_path, "cifar10")
 
 
+@pytest.mark.slow  # trainings in real processes
 def test_paper_preset_on_a_cifar100_python_folder(tmp_path):
     """The path a CIFAR user takes: `--preset paper --root` on a cifar-100-python folder (written here, tiny) with the
     preset's model and SOS settings (ResNet-18 CIFAR stem, paper mode, step LR); the paper's Table 3 figure beside

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 import yaml
-from conftest import error_line, run_cli, snapshot
+from conftest import cli_error, cli_main, run_cli, snapshot
 from ultralytics.cfg import parse_key_value_pair
 
 from sos_detect.cli import build_parser
@@ -27,14 +27,14 @@ def parsed(*argv):
     return args
 
 
-def test_every_sos_option_has_a_flag_and_its_default_in_help():
+def test_every_sos_option_has_a_flag_and_its_default_in_help(capsys):
     assert TRAINER_DEFAULTS is SOS_DEFAULTS  # the trainer reads the table itself
     defaults = parsed("train")
     for o in SOS_OPTIONS:
         assert getattr(defaults, o.key) == o.default, o.key
-    res = run_cli("train", "--help")
-    assert res.returncode == 0
-    text = " ".join(res.stdout.split())  # argparse wraps lines
+    code, out, _ = cli_main(capsys, "train", "--help")
+    assert code == 0
+    text = " ".join(out.split())  # argparse wraps lines
     for o in SOS_OPTIONS:
         assert o.flag in text, o.flag
         if o.default is not None and o.type is not bool:
@@ -88,46 +88,48 @@ def test_key_value_arguments_are_read_as_ultralytics_reads_them():
         (["shift", "--weights", CKPT], "sos-detect shift: error: the following arguments are required: --out"),
     ],
 )
-def test_bad_options_are_one_line_naming_the_option_as_typed(tmp_path, args, line):
-    res = run_cli(*args, cwd=tmp_path)
-    assert line in error_line(res)
-    assert "Ultralytics 'yolo' commands use the following syntax" not in res.stdout + res.stderr
+def test_bad_options_are_one_line_naming_the_option_as_typed(tmp_path, monkeypatch, capsys, args, line):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = cli_main(capsys, *args)
+    assert code == 2 and len(err.strip().splitlines()) == 1, (code, err[-3000:])
+    assert line in err.strip()
+    assert "Ultralytics 'yolo' commands use the following syntax" not in out + err
     assert snapshot(tmp_path) == {}  # nothing written
 
 
 @pytest.mark.parametrize("command", ["train", "shift"])
-def test_paper_rows_must_be_below_the_layer_width(tmp_path, command):
+def test_paper_rows_must_be_below_the_layer_width(tmp_path, monkeypatch, capsys, command):
     """Checked once the network is known (from --cfg and the data's class count, or from the checkpoint)."""
+    monkeypatch.chdir(tmp_path)
     args = ["--sos-mode", "paper", "--sos-rows", "100000"]
     if command == "shift":
         args += ["--weights", CKPT, "--out", tmp_path / "o.pt"]
-    res = run_cli(command, *args, cwd=tmp_path)
+    line = cli_error(capsys, command, *args)
     # YOLOv5n on 1 class: every head conv takes 64 inputs (independent: the stored network's own widths)
     net = torch.load(CKPT, map_location="cpu", weights_only=False)["model"]
     width = min(m.in_channels for m in net.model[-1].cv2.modules() if isinstance(m, torch.nn.Conv2d))
-    assert f"--sos-rows 100000: must be below the layer width (box.0 of this model takes {width} inputs)" in (
-        error_line(res)
-    )
+    assert f"--sos-rows 100000: must be below the layer width (box.0 of this model takes {width} inputs)" in line
     assert snapshot(tmp_path) == {}
 
 
-def test_device_cuda_without_a_gpu(tmp_path):
+def test_device_cuda_without_a_gpu(tmp_path, monkeypatch, capsys):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    res = run_cli("train", "--device", "cuda", cwd=tmp_path)
-    assert error_line(res) == (
+    monkeypatch.chdir(tmp_path)
+    assert cli_error(capsys, "train", "--device", "cuda") == (
         "sos-detect train: error: --device cuda: no CUDA GPU is visible here (torch.cuda.is_available() is False); "
         "use --device cpu"
     )
     assert snapshot(tmp_path) == {}
 
 
-def test_classify_help_says_sos_is_off_there():
-    res = run_cli("classify", "train", "--help")
-    text = " ".join(res.stdout.split())
+def test_classify_help_says_sos_is_off_there(capsys):
+    code, out, _ = cli_main(capsys, "classify", "train", "--help")
+    text = " ".join(out.split())
     assert "off by default here" in text and "on by default in sos-detect train" in text
 
 
+@pytest.mark.slow  # a real process validating for seconds: line buffering is a property of the process's pipe
 def test_output_streams_through_a_pipe(tmp_path):
     """`val` prints its settings line first, then works for seconds; under 8 KB in all, so with block buffering
     every line would arrive at exit."""
@@ -144,6 +146,7 @@ def test_output_streams_through_a_pipe(tmp_path):
     assert snapshot(tmp_path) == {}  # Ultralytics' runs/detect/val went to a temporary folder
 
 
+@pytest.mark.slow  # a real training
 def test_train_with_key_value_arguments(tmp_path):
     """`sos-detect train model=… epochs=… sos_tau=…` as a yolo user types it: a real (tiny) run."""
     args = ["model=yolov5n.yaml", "epochs=1", "imgsz=64", "sos_tau=1e-3", "sos_images=2", "plots=False", "workers=0"]

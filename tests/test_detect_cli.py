@@ -1,4 +1,5 @@
-"""The `sos-detect` CLI as a user runs it: real processes, the shipped trained checkpoint, bad input."""
+"""The `sos-detect` CLI as a user runs it: real processes, the shipped trained checkpoint, bad input (in this process:
+the errors come before anything runs)."""
 
 import hashlib
 import json
@@ -7,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import error_line, run_cli, snapshot
+from conftest import cli_error, run_cli, snapshot
 from ultralytics import YOLO
 from ultralytics.nn.tasks import ClassificationModel
 from ultralytics.utils.patches import torch_load
@@ -30,6 +31,7 @@ def map50(text: str, label: str) -> float:
     return float(re.search(rf"{label}\s*mAP50 ([0-9.]+)", text).group(1))
 
 
+@pytest.mark.slow  # validation in real processes
 def test_val_reproduces_the_checkpoints_own_metrics(tmp_path):
     """No --imgsz, --batch, --data: the checkpoint's own (320 px, the tree data) and twice its batch 8, as its
     training validated, said on the first line; no numpy warning, no runs/detect/val folder in the working folder."""
@@ -47,6 +49,7 @@ def test_val_reproduces_the_checkpoints_own_metrics(tmp_path):
     assert "Warning" not in res.stderr and snapshot(tmp_path) == {}
 
 
+@pytest.mark.slow  # shift and validation in real processes
 def test_shift_writes_a_loadable_checkpoint_and_keeps_map(tmp_path):
     before_hash = sha(CKPT)
     out = tmp_path / "shifted.pt"
@@ -70,6 +73,7 @@ def test_shift_writes_a_loadable_checkpoint_and_keeps_map(tmp_path):
     assert norm(out) < norm(CKPT)
 
 
+@pytest.mark.slow  # validations in real processes
 def test_val_uses_the_checkpoints_own_settings(tmp_path):
     """imgsz, data and twice the batch from the checkpoint's train args (here 160 px, batch 4, a copy of the tree
     data YAML)."""
@@ -95,6 +99,7 @@ def test_val_uses_the_checkpoints_own_settings(tmp_path):
     assert snapshot(work) == {}
 
 
+@pytest.mark.slow  # trains
 def test_val_of_best_pt_prints_the_runs_final_validation(tmp_path):
     """One mAP per checkpoint: `val --weights best.pt` gives the figures the run's final validation printed (both
     validate the fp16-stored EMA at twice the training batch); results.csv's row of that epoch is the EMA's before the
@@ -109,47 +114,61 @@ def test_val_of_best_pt_prints_the_runs_final_validation(tmp_path):
     assert printed.groups() == final.groups()[1:]
 
 
-def one_line_error(res, *needles):
-    line = error_line(res)
+def one_line_error(capsys, args, *needles):
+    line = cli_error(capsys, *args)
     for needle in needles:
         assert needle in line, line
 
 
-def test_missing_data_yaml(tmp_path):
-    res = cli("train", "--data", tmp_path / "nope.yaml", "--project", tmp_path, "--epochs", 1)
-    one_line_error(res, "nope.yaml", "not found")
+def test_missing_data_yaml(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    one_line_error(
+        capsys,
+        ["train", "--data", tmp_path / "nope.yaml", "--project", tmp_path, "--epochs", 1],
+        "nope.yaml",
+        "not found",
+    )
     assert not any(tmp_path.rglob("*.pt"))
 
 
-def test_data_yaml_with_missing_images(tmp_path):
+def test_data_yaml_with_missing_images(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
     yaml = tmp_path / "d.yaml"
     yaml.write_text(f"path: {tmp_path}\ntrain: images/train\nval: images/val\nnames:\n  0: Tree\n")
-    res = cli("train", "--data", yaml, "--project", tmp_path, "--epochs", 1)
-    one_line_error(res, "d.yaml", "images")
+    one_line_error(capsys, ["train", "--data", yaml, "--project", tmp_path, "--epochs", 1], "d.yaml", "images")
     assert not (tmp_path / "train").exists()
 
 
-def test_corrupt_label_line(tmp_path):
+def test_corrupt_label_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
     root = tmp_path / "trees"
     shutil.copytree(REPO_ROOT / "data" / "deepforest", root, ignore=shutil.ignore_patterns("*.cache"))
     label = sorted((root / "labels" / "train").glob("*.txt"))[3]
     label.write_text(label.read_text() + "0 0.5 0.5 oops 0.1\n")
     yaml = tmp_path / "d.yaml"
     yaml.write_text(f"path: {root}\ntrain: images/train\nval: images/val\nnames:\n  0: Tree\n")
-    res = cli("train", "--data", yaml, "--project", tmp_path / "runs", "--epochs", 1)
-    one_line_error(res, label.name, "non-numeric")
+    one_line_error(
+        capsys, ["train", "--data", yaml, "--project", tmp_path / "runs", "--epochs", 1], label.name, "non-numeric"
+    )
     assert not (tmp_path / "runs").exists()
 
 
-def test_checkpoint_without_detect_head(tmp_path):
+def test_checkpoint_without_detect_head(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
     bad = tmp_path / "cls.pt"
     torch.save({"model": ClassificationModel("yolov8n-cls.yaml", nc=2, verbose=False).half()}, bad)
     before = sha(bad)
-    res = cli("shift", "--weights", bad, "--out", tmp_path / "out.pt")
-    one_line_error(res, "--weights", "cls.pt", "a YOLO classification checkpoint")
+    one_line_error(
+        capsys,
+        ["shift", "--weights", bad, "--out", tmp_path / "out.pt"],
+        "--weights",
+        "cls.pt",
+        "a YOLO classification checkpoint",
+    )
     assert not (tmp_path / "out.pt").exists() and sha(bad) == before
 
 
+@pytest.mark.slow  # validation in a real process
 def test_val_voc07_and_pycocotools_agree_with_ultralytics(tmp_path):
     work = tmp_path / "work"
     work.mkdir()
@@ -166,6 +185,7 @@ def test_val_voc07_and_pycocotools_agree_with_ultralytics(tmp_path):
     assert json.loads((tmp_path / "predictions.json").read_text())
 
 
+@pytest.mark.slow  # shifts in real processes
 def test_shift_that_changes_outputs_is_refused_unless_asked(tmp_path):
     """The paper's SOS on b = 8 of 64 rows changes the head's outputs on the other captured rows by far more than
     --sos-max-change (5 %): refused in one line, nothing written; with sos_max_change=None it is applied as asked.

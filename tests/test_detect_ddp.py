@@ -5,7 +5,10 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
+
+pytestmark = pytest.mark.slow  # two real processes under torch.distributed
 
 WORKER = textwrap.dedent(
     """

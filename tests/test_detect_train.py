@@ -21,6 +21,8 @@ from sos_detect.core.solver import solve_shift
 from sos_detect.detect import SOSDetectionTrainer, detect_head_layers
 from sos_detect.detect.embedded import REPO_ROOT
 
+pytestmark = pytest.mark.slow  # every test trains (the session fixture `runs`: two trainings)
+
 
 @pytest.fixture(scope="session")
 def runs(tmp_path_factory):

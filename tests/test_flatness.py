@@ -25,6 +25,7 @@ CKPT = REPO_ROOT / "data" / "checkpoints" / "yolov5n-trees.pt"
 CPU = torch.device("cpu")
 
 
+@pytest.mark.slow  # trains
 def test_trainer_logs_trace_and_norm_and_plots(tmp_path):
     tiny_train(
         tmp_path,
@@ -85,6 +86,7 @@ def tiny_float64_detector(nc: int | None):
     return model.double(), batches
 
 
+@pytest.mark.slow  # unit-vector HVPs of a float64 detector (~5 s each)
 @pytest.mark.parametrize("nc", [None, 3])
 def test_head_block_diagonals_match_exact_hessian(nc):
     """The cls closed form (full block trace) and the output-space box diagonal (64 sampled entries) against
@@ -122,6 +124,7 @@ def power_iteration(loss_fn, params, iters=60):
     return lam
 
 
+@pytest.mark.slow  # a real hessian process
 def test_hessian_command_before_after(tmp_path):
     cmd = [
         sys.executable,

@@ -148,6 +148,7 @@ def test_rollback_is_bit_exact(rng):
     assert torch.equal(opt.state[lin.weight]["momentum_buffer"], buf)
 
 
+@pytest.mark.slow  # the `digits` fixture trains an MLP
 def test_digits_mlp_guarded_shift(digits):
     """Real network, real data: full-training-set guarded shift of the last layer with τ = 1e-4."""
     x, y, xt, yt, trained = digits

@@ -15,6 +15,8 @@ from sos_detect.core.apply import OPTIMIZER_STATE
 from sos_detect.core.capture import as_v
 from sos_detect.detect import SOSDetectionTrainer, SOSTrainerMixin
 
+pytestmark = pytest.mark.slow  # every test starts a real training
+
 SEEN: dict[str, dict] = {}
 
 

@@ -10,7 +10,7 @@ import shlex
 from pathlib import Path
 
 import pytest
-from conftest import snapshot
+from conftest import cli_main, snapshot
 
 from sos_detect.cli import build_parser, main
 from sos_detect.cli.arguments import apply_key_values, parse
@@ -90,12 +90,6 @@ def argv(command: str) -> list[str]:
     return words[1:]
 
 
-def sos_detect(args: list[str], capsys) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
     """The working folder a newcomer has after the main job: `sos-detect train`, then `sos-detect train --no-sos`
@@ -112,6 +106,7 @@ def test_every_readme_command_is_covered():
     assert set(map(as_run, readme_commands())) == set(COMMANDS)
 
 
+@pytest.mark.slow  # the `work` fixture trains twice; some commands run for real
 @pytest.mark.parametrize("command", list(COMMANDS))
 def test_readme_command(command, work, monkeypatch, capsys):
     how, arg = COMMANDS[command]
@@ -122,16 +117,17 @@ def test_readme_command(command, work, monkeypatch, capsys):
         assert (work / str(arg)).is_file()
         return
     if how == "run":
-        code, out, err = sos_detect(argv(command) + list(arg), capsys)
+        code, out, err = cli_main(capsys, *argv(command), *arg)
         assert code == 0, err[-2000:]
         return
     before = snapshot(work)
-    code, out, err = sos_detect(argv(command), capsys)
+    code, out, err = cli_main(capsys, *argv(command))
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and arg in lines[0], (code, err[-2000:])
     assert snapshot(work) == before  # nothing written
 
 
+@pytest.mark.slow  # the `work` fixture trains
 def test_main_job_folders_and_plots_match_help_and_readme(work, capsys):
     """`--name` help's train-2 is the second run's folder; sos_head_norm.png only for the run that shifted; the
     final validation and `val --weights best.pt` print one mAP (README)."""
@@ -143,13 +139,14 @@ def test_main_job_folders_and_plots_match_help_and_readme(work, capsys):
     assert not (runs / "train-2" / "sos_head_norm.png").exists()
 
 
+@pytest.mark.slow  # the `work` fixture trains
 def test_compare_labels_what_differs_and_never_overwrites(work, monkeypatch, capsys):
     """The legend says what differs between the runs (their args.yaml), the PNG goes under runs/compare and a second
     compare keeps the first one's file."""
     monkeypatch.chdir(work)
     outputs = []
     for _ in range(2):
-        code, out, err = sos_detect(["compare", "runs/sos/train", "runs/sos/train-2"], capsys)
+        code, out, err = cli_main(capsys, "compare", "runs/sos/train", "runs/sos/train-2")
         assert code == 0, err
         outputs.append(out)
     assert "train: sos=True" in outputs[0] and "train-2: sos=False" in outputs[0]
@@ -174,6 +171,7 @@ def test_inline_commands_parse():
             apply_key_values(args, extras)  # KEY=VALUE as Ultralytics reads them; an unknown key raises
 
 
+@pytest.mark.slow  # trains
 def test_readme_python_snippets(tmp_path, monkeypatch, capsys):
     """Each snippet as shown, the YOLO training at 1 epoch and 64 px into the test's folder."""
     monkeypatch.chdir(tmp_path)
@@ -188,17 +186,18 @@ def test_readme_python_snippets(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "train" / "weights" / "best.pt").is_file()
 
 
+@pytest.mark.slow  # trains
 def test_readme_inline_runs_at_tiny_size(tmp_path, monkeypatch, capsys):
     """`reproduce sensing` and `reproduce table5 --preset mini`, small: they finish and write what their --help
     promises."""
     monkeypatch.chdir(tmp_path)
-    code, out, err = sos_detect(["reproduce", "sensing", "--preset", "tiny", "--seeds", "0,1", "--out", "s"], capsys)
+    code, out, err = cli_main(capsys, "reproduce", "sensing", "--preset", "tiny", "--seeds", "0,1", "--out", "s")
     assert code == 0, err
     assert "writes sensing.md/.csv and sensing.png" in _help(["reproduce", "sensing"])
     for name in ("sensing.md", "sensing.csv", "sensing.png"):
         assert (tmp_path / "s" / name).is_file(), name
     t5 = ["reproduce", "table5", "--preset", "mini", "--seeds", "0", "--epochs", "1", "--arms", "base,guarded-1e-4"]
-    code, out, err = sos_detect([*t5, "--out", "t5"], capsys)
+    code, out, err = cli_main(capsys, *t5, "--out", "t5")
     assert code == 0, err
     promised = re.findall(r"table5[\w.]*\.(?:md|csv|png)", _help(["reproduce", "table5"]).replace("\n", ""))
     assert len(promised) == 4

@@ -21,6 +21,8 @@ from sos_detect.detect import SOSDetectionTrainer
 from sos_detect.detect.embedded import REPO_ROOT
 from sos_detect.detect.heads import detect_head_layers
 
+pytestmark = pytest.mark.slow  # every test trains
+
 SHIPPED = REPO_ROOT / "data" / "checkpoints" / "yolov5n-trees.pt"
 
 

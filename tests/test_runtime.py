@@ -8,6 +8,8 @@ import pytest
 
 from sos_detect.detect.embedded import REPO_ROOT
 
+pytestmark = pytest.mark.slow  # real interpreters (~8 s each): the environment is read at start-up
+
 PROBE = (
     "import os, torch; from sos_detect.core.runtime import configure, downloads_allowed; n = configure(); "
     "import ultralytics.utils as u, ultralytics.utils.torch_utils as t; "

@@ -143,6 +143,7 @@ def test_nso_noise_and_sam_steps_equal_their_definitions():
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
+@pytest.mark.slow  # a real reproduce process
 def test_reproduce_sensing_end_to_end(tmp_path):
     cmd = [sys.executable, "-m", "sos_detect.cli", "reproduce", "sensing", "--preset", "tiny", "--seeds", "0,1,2"]
     res = subprocess.run([*cmd, "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)

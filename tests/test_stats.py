@@ -8,7 +8,17 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from sos_detect.core.stats import holm, min_detectable_effect, paired_summary, t_test_p, with_holm
+from sos_detect.core.stats import (
+    holm,
+    mean_std,
+    min_detectable_effect,
+    paired_summary,
+    sign_test,
+    t_interval,
+    t_quantile,
+    t_test_p,
+    with_holm,
+)
 
 SAMPLES = (
     [0.3, -0.1, 0.5, 0.2, 0.4],
@@ -90,3 +100,46 @@ def test_one_seed_has_no_interval_and_zero_spread_is_exact():
     same = paired_summary({0: 1.0, 1: 2.0}, {0: 0.5, 1: 1.5})  # every difference +0.5
     assert (same.t_p, same.mde) == (0.0, 0.0)
     assert t_test_p([0.0, 0.0, 0.0]) == 1.0
+
+
+def test_t_quantile_is_scipys_two_sided_quantile():
+    """The closed-form t distribution (odd and even df) inverted by bisection, against scipy's."""
+    for level in (0.5, 0.8, 0.9, 0.95, 0.99, 0.999):
+        for df in (1, 2, 3, 4, 5, 8, 29, 30, 200):
+            assert t_quantile(level, df) == pytest.approx(stats.t.ppf((1 + level) / 2, df), rel=1e-9), (level, df)
+
+
+@pytest.mark.parametrize("level", [0.8, 0.9, 0.99])
+@pytest.mark.parametrize("values", SAMPLES)
+def test_t_interval_at_any_level_matches_scipy(values, level):
+    ref = stats.t.interval(level, len(values) - 1, loc=np.mean(values), scale=stats.sem(values))
+    assert t_interval(values, level) == pytest.approx(ref, rel=1e-9)
+    assert t_interval([*values, math.nan], level) == pytest.approx(ref, rel=1e-9)  # NaN is not a value
+
+
+@pytest.mark.parametrize("values", [*SAMPLES, [0.1, 0.2], [5.0, -5.0, 0.1]])
+def test_t_test_p_is_scipys_one_sample_t_test(values):
+    assert t_test_p(values) == pytest.approx(stats.ttest_1samp(values, 0.0).pvalue, rel=1e-9, abs=1e-14)
+
+
+@pytest.mark.parametrize("alpha, power", [(0.05, 0.8), (0.01, 0.9), (0.1, 0.5), (0.05, 0.95)])
+def test_min_detectable_effect_formula_at_any_level_and_power(alpha, power):
+    for n in (2, 3, 7, 40):
+        expected = (stats.t.ppf(1 - alpha / 2, n - 1) + stats.t.ppf(power, n - 1)) * 0.7 / math.sqrt(n)
+        assert min_detectable_effect(0.7, n, alpha, power) == pytest.approx(expected, rel=1e-9), n
+        assert math.isnan(min_detectable_effect(math.nan, n))
+    assert math.isnan(min_detectable_effect(0.7, 1, alpha, power))
+
+
+@pytest.mark.parametrize("values", [*SAMPLES, [0.0, 0.0, 0.3, -0.2, 0.0], [0.0, 0.0], [1e-3] * 12])
+def test_sign_test_is_scipys_binomial_test_without_zeros(values):
+    pos, neg, p = sign_test(values)
+    assert (pos, neg) == (sum(v > 0 for v in values), sum(v < 0 for v in values))
+    assert p == (1.0 if pos + neg == 0 else pytest.approx(stats.binomtest(pos, pos + neg).pvalue, rel=1e-12))
+
+
+def test_mean_std_is_numpys_sample_std():
+    for values in SAMPLES:
+        assert mean_std([*values, math.nan, None]) == pytest.approx((np.mean(values), np.std(values, ddof=1)))
+    assert mean_std([0.4]) == (0.4, 0.0)
+    assert all(math.isnan(v) for v in mean_std([math.nan]))

@@ -4,12 +4,10 @@ Fashion-MNIST's Debian package is not on CI machines: these tests write a few ID
 digits (upscaled to 28×28) and build from them; the builder reads them exactly as it reads Fashion-MNIST.
 """
 
-import subprocess
-import sys
-
 import cv2
 import numpy as np
 import pytest
+from conftest import cli_main
 
 from sos_detect.detect.synthetic import (
     BOX_ALPHA,
@@ -96,8 +94,8 @@ def test_pasted_box_is_the_tight_box_of_the_item_pixels(idx_root):
         assert (yc + h / 2) * 80 == pytest.approx(box[3], abs=1e-3)
 
 
-def test_cli_missing_root_is_one_line(tmp_path):
-    cmd = [sys.executable, "-m", "sos_detect.cli", "data", "fashion-det", "--root", str(tmp_path / "none")]
-    res = subprocess.run(cmd + ["--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
-    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
-    assert str(tmp_path / "none") in res.stderr and not (tmp_path / "out").exists()
+def test_cli_missing_root_is_one_line(tmp_path, capsys):
+    args = ["data", "fashion-det", "--root", tmp_path / "none", "--out", tmp_path / "out"]
+    code, _, err = cli_main(capsys, *args)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert str(tmp_path / "none") in err and not (tmp_path / "out").exists()

@@ -42,6 +42,7 @@ def test_paper_preset_arms_and_published_figures():
     assert base["reference_map50"] == 83.4 and "| paper-b32 | 2 | 83.00 ± 2.83" in md and "s1: +3.00" in md
 
 
+@pytest.mark.slow  # trainings in a real process
 def test_mini_preset_one_seed_two_epochs(tmp_path):
     cmd = [sys.executable, "-m", "sos_detect.cli", "reproduce", "table5", "--preset", "mini", "--seeds", "0"]
     cmd += ["--epochs", "2", "--arms", "base,paper-b32", "--out", str(tmp_path)]  # order start: a shift before epoch 2
@@ -65,3 +66,15 @@ def test_mini_preset_one_seed_two_epochs(tmp_path):
     assert [(e["epoch"], e["order"]) for e in log] == [(2, "start"), (2, "start")]  # model and EMA, Algorithm 1
     assert all(layer["rows"] == 32 for e in log for layer in e["layers"])
     assert not (tmp_path / "runs" / "yolov5n_s0_base" / "sos_log.jsonl").exists()
+
+
+def test_jobs_beyond_the_cores_is_one_line_before_anything_is_written(tmp_path, capsys, monkeypatch):
+    import os
+
+    from conftest import cli_error
+
+    monkeypatch.chdir(tmp_path)
+    cores = len(os.sched_getaffinity(0))
+    line = cli_error(capsys, "reproduce", "table5", "--jobs", cores + 1, "--out", tmp_path / "t5")
+    assert line.endswith(f"error: --jobs {cores + 1}: must be between 1 and the {cores} cores this process may use")
+    assert list(tmp_path.iterdir()) == []

@@ -34,6 +34,7 @@ def task_run(request, tmp_path_factory):
     return task, data, root / "runs" / "train", res
 
 
+@pytest.mark.slow  # the task_run fixture trains
 def test_task_trains_with_its_own_trainer_and_shifts_its_output_convs(task_run):
     task, _, run, res = task_run
     cfg, extra, metric = MODELS[task]
@@ -59,6 +60,7 @@ def test_task_trains_with_its_own_trainer_and_shifts_its_output_convs(task_run):
     assert len(printed) == 2 and f"{heldout[-1]:.2e}" in printed[-1]  # the console line shows the held-out change
 
 
+@pytest.mark.slow  # the task_run fixture trains; real processes
 def test_task_checkpoint_works_with_val_shift_and_hessian(task_run, tmp_path):
     task, data, run, _ = task_run
     weights = run / "weights" / "last.pt"
@@ -121,6 +123,7 @@ def test_a_data_yaml_as_model_and_a_contradicting_task_are_one_line_errors(tmp_p
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow  # starts an Ultralytics training
 def test_a_detection_trainer_refuses_a_model_of_another_task(tmp_path):
     from ultralytics import YOLO
 

@@ -180,27 +180,27 @@ def test_missing_xml_is_named_as_missing(tmp_path):
     assert summary.images == {"train": 1, "val": 1}
 
 
-def test_mission_command_after_conversion(tmp_path):
+@pytest.mark.slow  # trains in a real process
+def test_mission_command_after_conversion(tmp_path, monkeypatch, capsys):
     """`sos-detect train --cfg yolov5s.yaml --data voc.yaml` finds the converted VOC (tiny settings); before the
-    conversion it says in one line what to run, and `--data configs/voc.yaml` names the real missing path."""
-    from conftest import error_line, run_cli, snapshot
+    conversion it says in one line what to run (in this process), and `--data configs/voc.yaml` names the real
+    missing path."""
+    from conftest import cli_error, run_cli, snapshot
 
     from sos_detect.detect.embedded import REPO_ROOT
 
     make_devkit(tmp_path / "VOCdevkit")
     work = tmp_path / "work"
     work.mkdir()
+    monkeypatch.chdir(work)
     for name in ("voc.yaml", "VOC.yaml"):
-        res = run_cli("train", "--cfg", "yolov5s.yaml", "--data", name, cwd=work)
-        assert error_line(res) == (
+        assert cli_error(capsys, "train", "--cfg", "yolov5s.yaml", "--data", name) == (
             f"sos-detect train: error: --data {name}: no converted PASCAL VOC here (datasets/voc/images/train not "
             "found); run `sos-detect data voc --root /path/to/VOCdevkit --out datasets/voc` first"
         )
     if not (REPO_ROOT / "datasets" / "voc").exists():
-        res = run_cli("train", "--data", REPO_ROOT / "configs" / "voc.yaml", cwd=work)
-        assert f"train: ../datasets/voc/images/train is {REPO_ROOT}/datasets/voc/images/train, which does not" in (
-            error_line(res)
-        )
+        line = cli_error(capsys, "train", "--data", REPO_ROOT / "configs" / "voc.yaml")
+        assert f"train: ../datasets/voc/images/train is {REPO_ROOT}/datasets/voc/images/train, which does not" in line
     assert snapshot(work) == {}
     res = run_cli("data", "voc", "--root", tmp_path / "VOCdevkit", "--out", "datasets/voc", "--workers", 1, cwd=work)
     assert res.returncode == 0, res.stderr[-2000:]
