@@ -77,6 +77,13 @@ STUDY_TRAIN = dict(
     deterministic=True,
 )
 GPU_TRAIN = {**STUDY_TRAIN, "imgsz": 256, "batch": 32, "nbs": 32, "device": 0, "amp": True, "workers": 4}
+FINETUNE = dict(  # Table 5's regime on fashion-det: one pretrained start, then fine-tuning on other images
+    data=FASHION_DET,
+    train={**STUDY_TRAIN, "epochs": 8, "lr0": 0.002, "warmup_epochs": 0},
+    pretrain=Pretrain(images=(0, 2400), options={"epochs": 10, "lr0": 0.01, "warmup_epochs": 1}),
+    train_images=(2400, 400),
+    val_images=400,
+)
 PRESETS = {
     "synth-scratch": ABConfig(
         data=FASHION_DET,
@@ -88,23 +95,15 @@ PRESETS = {
         "optimizer step per batch of 16), validated on the first 400 validation images after every epoch.",
     ),
     "synth-finetune": ABConfig(
-        data=FASHION_DET,
-        train={**STUDY_TRAIN, "epochs": 8, "lr0": 0.002, "warmup_epochs": 0},
+        **FINETUNE,
         arms=STUDY_ARMS,
-        pretrain=Pretrain(images=(0, 2400), options={"epochs": 10, "lr0": 0.01, "warmup_epochs": 1}),
-        train_images=(2400, 400),
-        val_images=400,
         description="fashion-det, Table 5's regime: one YOLOv5n pretrained from scratch on training images 0–2399 "
         "(10 epochs, seed 0, no SOS), then every arm fine-tunes it on images 2400–2799 (400 images, 8 epochs, "
         "160 px), validated on the first 400 validation images after every epoch.",
     ),
     "synth-finetune-ablation": ABConfig(
-        data=FASHION_DET,
-        train={**STUDY_TRAIN, "epochs": 8, "lr0": 0.002, "warmup_epochs": 0},
+        **FINETUNE,
         arms={"base": {"sos": False}, **ABLATION_ARMS},
-        pretrain=Pretrain(images=(0, 2400), options={"epochs": 10, "lr0": 0.01, "warmup_epochs": 1}),
-        train_images=(2400, 400),
-        val_images=400,
         description="fashion-det, synth-finetune's regime (the same pretrained start, data and schedule): the paper's "
         "SOS (τ = 0 on b sampled rows, no rollback) in every combination of Algorithm 1's order (end: shift after an "
         "epoch, before its validation; start: shift, then train the epoch), the EMA's policy (grams: shifted with the "
