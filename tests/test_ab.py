@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import cli_main
 from scipy import stats
 from test_synthetic import digits_idx
 
@@ -153,15 +154,15 @@ def test_study_statistics_recomputed_from_the_runs(study):
 
 
 @pytest.mark.slow  # the study
-def test_finished_runs_reused_only_with_equal_settings(study, tiny_data):
+def test_finished_runs_reused_only_with_equal_settings(study, tiny_data, capsys):
     out, _ = study
     before = (out / "ab.csv").read_text()
     again = _cli(*_ab_cmd(tiny_data, out))
     assert again.returncode == 0, again.stderr[-2000:]
     assert "Starting training" not in again.stdout + again.stderr and (out / "ab.csv").read_text() == before
-    changed = _cli(*_ab_cmd(tiny_data, out, ["--epochs", "3"]))
-    assert changed.returncode == 2 and len(changed.stderr.strip().splitlines()) == 1
-    assert "done.json: a finished run with other settings (epochs 2 → 3)" in changed.stderr
+    code, _, err = cli_main(capsys, *_ab_cmd(tiny_data, out, ["--epochs", "3"]))  # refused in this process
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "done.json: a finished run with other settings (epochs 2 → 3)" in err
 
 
 @pytest.mark.slow  # the study

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, run_cli, tiny_train
+from conftest import TINY, cli_main, run_cli, tiny_train
 from torch.nn.modules.module import register_module_forward_hook
 from ultralytics import YOLO
 from ultralytics.utils.patches import torch_load
@@ -257,7 +257,7 @@ def test_eval_capture_option_shifts_on_separate_passes(tmp_path):
     assert all(layer["out_change_unsampled"] is None for e in log for layer in e["layers"])
 
 
-def test_resume_both_ways_keeps_logs_consistent_with_the_checkpoint(tmp_path):
+def test_resume_both_ways_keeps_logs_consistent_with_the_checkpoint(tmp_path, monkeypatch, capsys):
     """Interrupted after epoch 2's metrics and log were written but before its checkpoint: the copied run resumes in
     its own folder with every epoch logged once; plain Ultralytics resumes, validates, predicts and fine-tunes the
     checkpoints (their train_args hold no sos_* key; the SOS options ride on the model as sos_args)."""
@@ -298,9 +298,11 @@ def test_resume_both_ways_keeps_logs_consistent_with_the_checkpoint(tmp_path):
     best.train(data=TINY["data"], epochs=1, imgsz=160, device="cpu", workers=0, plots=False, project=str(tmp_path),
                name="ft", exist_ok=True, verbose=False)  # fmt: skip
     assert (tmp_path / "ft" / "weights" / "last.pt").is_file()
-    done = run_cli("train", "--resume", copy / "weights" / "last.pt")  # finished: nothing to resume
-    assert done.returncode != 0 and "--resume" in done.stderr and "--weights" in done.stderr
-    assert len(done.stderr.strip().splitlines()) == 1
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()  # what the trainings above printed
+    code, _, err = cli_main(capsys, "train", "--resume", copy / "weights" / "last.pt")  # finished: nothing to resume
+    assert code != 0 and "--resume" in err and "--weights" in err
+    assert len(err.strip().splitlines()) == 1
 
 
 TENSORBOARD_RUN = """

@@ -123,7 +123,6 @@ def test_a_data_yaml_as_model_and_a_contradicting_task_are_one_line_errors(tmp_p
     assert not (tmp_path / "runs").exists()
 
 
-@pytest.mark.slow  # starts an Ultralytics training
 def test_a_detection_trainer_refuses_a_model_of_another_task(tmp_path):
     from ultralytics import YOLO
 
