@@ -323,3 +323,11 @@ def test_arm_values_read_as_yolo_reads_them():
     assert options == PRESETS["synth-scratch"].arms["paper-b32"]
     assert parse_options(["sos_tau=1e-3", "sos=False", "imgsz=160"]) == {"sos_tau": 1e-3, "sos": False, "imgsz": 160}
     check_arms(ABConfig(data="x.yaml", train={}, arms={"base": {"sos": False}, name: options}))
+
+
+def test_a_preset_on_data_too_small_for_its_slices_is_refused_before_anything_is_written(tmp_path, tiny_data, capsys):
+    """The image ranges a preset trains, pretrains and validates on are checked with the data, before --out exists."""
+    out = tmp_path / "out"
+    code, _, err = cli_main(capsys, "reproduce", "ab", "--preset", "synth-finetune", "--data", tiny_data, "--out", out)
+    assert code == 2 and err.strip().endswith(f"{tiny_data}: 24 training images; images 0..2399 requested")
+    assert not out.exists()

@@ -238,17 +238,37 @@ def model_cfg(model: str) -> str:
     return model if model.endswith((".yaml", ".yml", ".pt")) else f"{model}.yaml"
 
 
+def check_subset(
+    data_yaml: str, data: dict[str, Any], first: int, count: int, val: int | None
+) -> tuple[list[Path], list[Path]]:
+    """(training, validation) images of the data, refused in one line unless training images [first, first + count)
+    and the first `val` validation images (all when None) exist."""
+    from sos_detect.detect.data import image_files
+
+    files, val_files = image_files(data["train"]), image_files(data["val"])
+    if first < 0 or count < 1 or first + count > len(files):
+        raise ValueError(f"{data_yaml}: {len(files)} training images; images {first}..{first + count - 1} requested")
+    if val is not None and not 1 <= val <= len(val_files):
+        raise ValueError(f"{data_yaml}: {len(val_files)} validation images; {val} requested")
+    return files, val_files
+
+
 def check_study(cfg: ABConfig) -> None:
-    """Before anything trains or is written: the data (every image and label), every arm's options, and that each
-    model takes its starting checkpoint (--weights) as `sos-detect train --cfg Y --weights X` requires."""
+    """Before anything trains or is written: the data (every image and label, the image ranges a preset takes), every
+    arm's options, and that each model takes its starting checkpoint (--weights) as `sos-detect train --cfg Y
+    --weights X` requires."""
     from ultralytics.nn.tasks import yaml_model_load
 
     from sos_detect.detect.checkpoints import load_detector
     from sos_detect.detect.data import load_data
     from sos_detect.detect.models import check_transfer, model_task, task_model
 
-    _, data = load_data(cfg.data)
+    data_yaml, data = load_data(cfg.data)
     check_arms(cfg)
+    if cfg.pretrain is not None and set(cfg.models) - set(cfg.weights):
+        check_subset(data_yaml, data, *cfg.pretrain.images, cfg.val_images)
+    if cfg.train_images is not None or cfg.val_images is not None:
+        check_subset(data_yaml, data, *(cfg.train_images or (0, 1)), cfg.val_images)
     for model, start in cfg.weights.items():
         source = model_cfg(model)
         task = model_task(source, "--models")

@@ -17,7 +17,7 @@ from typing import Any
 from sos_detect.core.runs import changed_settings, finished_record, write_text_atomic
 from sos_detect.detect.compare import run_args
 from sos_detect.detect.plots import read_results, trace_columns
-from sos_detect.reproduce.ab_presets import ABConfig, model_cfg
+from sos_detect.reproduce.ab_presets import ABConfig, check_subset, model_cfg
 
 RUN_FREE = ("device", "workers")  # settings a finished or resumed run may differ in
 
@@ -85,14 +85,10 @@ def subset_yaml(data_yaml: str | Path, out_dir: Path, first: int, count: int, va
     first `val` validation images (all when None); same names."""
     import yaml
 
-    from sos_detect.detect.data import image_files, load_data
+    from sos_detect.detect.data import load_data
 
     data_yaml, data = load_data(data_yaml)
-    files, val_files = image_files(data["train"]), image_files(data["val"])
-    if first < 0 or count < 1 or first + count > len(files):
-        raise ValueError(f"{data_yaml}: {len(files)} training images; images {first}..{first + count - 1} requested")
-    if val is not None and not 1 <= val <= len(val_files):
-        raise ValueError(f"{data_yaml}: {len(val_files)} validation images; {val} requested")
+    files, val_files = check_subset(data_yaml, data, first, count, val)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{Path(data_yaml).stem}_train{first}-{first + count}" + (f"_val{val}" if val else "")
     lists = {}
