@@ -1,4 +1,4 @@
-"""The one paired summary (reproduce/stats.py) against scipy: t-interval, paired t-test p, minimum detectable effect
+"""The one paired summary (core/stats.py) against scipy: t-interval, paired t-test p, minimum detectable effect
 (t-quantile formula, and its distance from the exact noncentral-t power), Holm's adjustment against the
 procedure itself, and what one seed prints."""
 
