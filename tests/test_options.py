@@ -1,5 +1,6 @@
 """The option table (sos_detect/core/options.py) row by row: each flag's spelling, each default passing its own check,
-each check's boundary as its rule states it, the one-line message naming the option as typed, and the paper-mode rule."""
+each check's boundary as its rule states it, the one-line message naming the option as typed, the paper-mode
+rule."""
 
 import math
 from types import SimpleNamespace
