@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass, replace
 
 from sos_detect.classify.data import ClassificationData, default_imgsz, load_classification_data
-from sos_detect.core.options import MAX_IMGSZ, ShiftConfig, check_options, sos_options
+from sos_detect.core.options import MAX_IMGSZ, SOS_DEFAULTS, ShiftConfig, check_options, sos_options
 
 OPTIMIZERS = ("sgd", "sam", "nso")
 
@@ -33,7 +33,7 @@ class TrainConfig:
     sos: bool = False
     sos_mode: str = "paper"  # paper: τ = 0 on sos_batch sampled training samples (Algorithm 1); guarded
     sos_batch: int = 300  # b, paper mode (CIFAR-100 best at 300 in the paper)
-    sos_tau: float = 1e-4  # guarded mode
+    sos_tau: float = SOS_DEFAULTS["sos_tau"]  # guarded mode
     sos_samples: int = 2048  # guarded mode: training samples captured per shift
     sos_every: int = 1
     sos_start: int = 0

@@ -6,8 +6,22 @@ Options left out are None here: TrainConfig's defaults (or, with --resume, the r
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
-from sos_detect.cli.arguments import command, resolve_device, torch_device
+from sos_detect.cli.arguments import add_options, command, resolve_device, torch_device
+from sos_detect.core.options import SOS_OPTIONS
+
+# the shift rows of the option table as classification takes them: unset means TrainConfig's default (paper mode)
+ROWS = {o.key: o for o in SOS_OPTIONS}
+CLASSIFY_SHIFT_OPTIONS = (
+    replace(
+        ROWS["sos_mode"],
+        default=None,
+        optional=True,
+        help="paper (default here): τ = 0 on --sos-batch samples; guarded: min ‖V'‖ with output change ≤ τ",
+    ),
+    replace(ROWS["sos_tau"], default=None, optional=True),
+)
 
 # Defaults per dataset where TrainConfig's (the paper's CIFAR setting: resnet18, lr 0.1, 200 epochs) do not suit it.
 # digits (8×8, 1,437 training images): the 64-64 MLP reaches 97.6 % top-1 in 30 epochs (4 s on one core), where
@@ -70,14 +84,13 @@ def _common_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", help="local weights file (state dict); never downloaded")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--sos-mode", help="paper (default): τ = 0 on --sos-batch samples; guarded: budget τ")
+    add_options(p, CLASSIFY_SHIFT_OPTIONS)
     p.add_argument(
         "--sos-batch",
         type=int,
         help="b, samples per paper-mode shift, below the last layer's width (default 32 for digits, 64 for "
         "fashion-mnist, else 300)",
     )
-    p.add_argument("--sos-tau", type=float, help="guarded mode's output-change budget (default 1e-4)")
     p.add_argument("--sos-samples", type=int, help="guarded mode: samples captured per shift (default 2048)")
     p.add_argument("--train-subset", type=int, help="use this many training samples")
     p.add_argument("--test-subset", type=int, help="use this many test samples")
