@@ -76,6 +76,12 @@ COMMANDS: dict[str, tuple[str, object]] = {
         "error",
         "",
     ),
+    "sos-detect reproduce ab --preset synth-finetune-ablation --seeds 0,1,2 "
+    "--out benchmarks/results/fashion_det_ablation": (
+        "error",
+        "",
+    ),
+    "sos-detect reproduce ab --preset synth-overfit --out benchmarks/results/fashion_det_overfit": ("error", ""),
 }
 
 
