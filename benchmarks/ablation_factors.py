@@ -94,6 +94,15 @@ def variance_shares(data: dict[Cell, dict[int, float]]) -> dict[str, float]:
     return {k: v / total if total > 0 else float("nan") for k, v in ss.items()}
 
 
+def identical(data: dict[Cell, dict[int, float]]) -> list[list[Cell]]:
+    """Groups of arms whose per-seed differences to the baseline are equal on every seed (to 1e-9): contrasts
+    between them are exactly 0 with no spread, whatever the number of seeds."""
+    groups: dict[tuple, list[Cell]] = {}
+    for cell, diffs in sorted(data.items()):
+        groups.setdefault(tuple(round(v, 9) for _, v in sorted(diffs.items())), []).append(cell)
+    return [g for g in groups.values() if len(g) > 1]
+
+
 def report(path: Path, metrics: tuple[str, ...] = ("map50", "map5095")) -> str:
     parts = [
         f"# Paper-mode factors of {path.parent.name}\n\nFrom `{path}` (per-seed differences to the baseline); "
@@ -108,6 +117,9 @@ def report(path: Path, metrics: tuple[str, ...] = ("map50", "map5095")) -> str:
         body = [[name, *s.cells(scale)] for (name, _), s in zip(rows, summaries, strict=True)]
         shares = variance_shares(data)
         parts.append(f"## {metric}\n\n" + markdown_table(["contrast", *SUMMARY_HEADER], body))
+        same = ["; ".join(f"paper-{o}-{e}-b{b}" for o, e, b in g) for g in identical(data)]
+        if same:
+            parts.append("Arms equal on every seed: " + " | ".join(same) + ".")
         parts.append(
             "Share of the between-arm sum of squares (seed means):\n\n"
             + markdown_table(["term", "share"], [[k, f"{v:.1%}"] for k, v in shares.items()])

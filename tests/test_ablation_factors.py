@@ -31,9 +31,10 @@ def factors():
     return module
 
 
-def _study(tmp_path, drop=None):
+def _study(tmp_path, drop=None, alias=None):
     """ab.csv of base + 12 paper arms × 3 seeds; mAP50 in 5 decimals, with main effects, interactions and noise;
-    returns the path and the array D[seed, order, EMA, b] of (arm − base) in mAP50."""
+    `alias` (o, e, b) → (o, e, b): that arm copies another's mAPs; returns the path and the array
+    D[seed, order, EMA, b] of (arm − base) in mAP50."""
     rng = np.random.default_rng(7)
     base = {s: 0.33 + 0.002 * s for s in SEEDS}
     d = np.zeros((3, 2, 2, 3))
@@ -41,6 +42,8 @@ def _study(tmp_path, drop=None):
     for (o, e, b), s in itertools.product(itertools.product(range(2), range(2), range(3)), SEEDS):
         value = round(base[s] - 0.05 + 0.02 * o + 0.004 * e + 0.01 * b + 0.006 * o * e - 0.003 * o * b
                       + rng.normal(0, 0.004), 5)  # fmt: skip
+        if alias and (o, e, b) in alias:
+            value = d[(s, *alias[(o, e, b)])] + base[s]
         d[s, o, e, b] = value - base[s]
         arm = f"paper-{ORDERS[o]}-{EMAS[e]}-b{BS[b]}"
         if arm != drop:
@@ -91,10 +94,18 @@ def test_variance_shares_match_numpy(factors, tmp_path):
     assert sum(shares.values()) == pytest.approx(1.0)
 
 
-def test_report_and_a_missing_arm(factors, tmp_path, capsys):
+def test_report_identical_arms_and_a_missing_arm(factors, tmp_path):
     path, _ = _study(tmp_path)
     text = factors.report(path)
     assert "## map50" in text and "## map5095" in text and "| order: start vs end |" in text
+    assert "equal on every seed" not in text
+    # start-follow copies end-follow (as when the validated EMA is the unshifted model in both): order at follow is 0
+    path, _ = _study(tmp_path, alias={(1, 1, b): (0, 1, b) for b in range(3)})
+    data = factors.cells(path, "map50")
+    assert factors.identical(data) == [[("end", "follow", b), ("start", "follow", b)] for b in BS]
+    at_follow = dict(factors.contrasts(data))["order: start vs end at EMA = follow"]
+    assert (at_follow.mean, at_follow.std, at_follow.ci_low, at_follow.ci_high) == pytest.approx((0, 0, 0, 0), abs=1e-9)
+    assert "Arms equal on every seed: paper-end-follow-b32; paper-start-follow-b32 | " in factors.report(path)
     path, _ = _study(tmp_path, drop="paper-start-follow-b48")
     with pytest.raises(SystemExit, match=r"ab.csv: map50 lacks the arms \[\('start', 'follow', '48'\)\]"):
         factors.cells(path, "map50")
