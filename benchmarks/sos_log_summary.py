@@ -1,7 +1,9 @@
 """What the shifts of an A/B study did, per arm and target (model / EMA), from every run's sos_log.jsonl and
 results.csv: shifts logged and applied, rollback reasons, the worst measured output change over the budget τ
 (guarded arms), the largest EMA change on images it was not solved on (in τ), shift-step seconds and their share of
-the training time (Σ sos/seconds / Σ epoch seconds), the median epoch seconds.
+the training time (Σ sos/seconds / Σ epoch seconds), the median epoch seconds; per layer, where logged (paper arms:
+out_change_unsampled; with sos_heldout_images: heldout_change), the median and max over shifts of the output change
+off the solve's sample (on the captured rows not solved on, and on validation images).
 Run: python benchmarks/sos_log_summary.py OUT/runs [--out JSON]   (OUT: a `reproduce ab` output folder)
 """
 
@@ -14,6 +16,8 @@ from collections import defaultdict
 from pathlib import Path
 
 from sos_detect.detect.plots import read_results
+
+OFF_SAMPLE = ("out_change_unsampled", "heldout_change")  # per-layer changes off the solve's sample, where logged
 
 
 def arm_of(run: Path) -> str | None:
@@ -28,6 +32,7 @@ def summarize(runs: Path) -> dict[str, dict]:
     targets: dict[tuple[str, str], dict] = defaultdict(
         lambda: {"shifts": 0, "applied": 0, "reasons": defaultdict(int), "change_over_tau": [], "heldout": []}
     )
+    off_sample: dict[tuple[str, str], dict] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     seconds: dict[tuple[str, str], list[float]] = defaultdict(list)
     for run in sorted(p for p in runs.iterdir() if (p / "results.csv").is_file() and arm_of(p)):
         arm = arm_of(run)
@@ -51,6 +56,10 @@ def summarize(runs: Path) -> dict[str, dict]:
                 t["change_over_tau"] += [layer["out_change_measured"] / tau for layer in entry["layers"]]
                 if entry.get("heldout_change") is not None:
                     t["heldout"].append(entry["heldout_change"] / tau)
+            for layer in entry["layers"]:
+                for key in OFF_SAMPLE:
+                    if layer.get(key) is not None:
+                        off_sample[(arm, entry["target"])][layer["name"]][key].append(layer[key])
             seconds[(arm, entry["target"])].append(entry["seconds"])
     result = {}
     for arm, row in out.items():
@@ -70,6 +79,11 @@ def summarize(runs: Path) -> dict[str, dict]:
                     "max_heldout_change_over_tau": max(t["heldout"], default=None),
                     "median_shift_s": statistics.median(seconds[(a, target)]),
                 }
+                if off_sample[(a, target)]:
+                    result[arm][target]["off_sample_change"] = {
+                        name: {k: {"median": statistics.median(v), "max": max(v)} for k, v in keys.items()}
+                        for name, keys in off_sample[(a, target)].items()
+                    }
     return result
 
 
