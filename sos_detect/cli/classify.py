@@ -21,6 +21,20 @@ CLASSIFY_SHIFT_OPTIONS = (
         help="paper (default here): τ = 0 on --sos-batch samples; guarded: min ‖V'‖ with output change ≤ τ",
     ),
     replace(ROWS["sos_tau"], default=None, optional=True),
+    replace(  # classification's b is a number of samples (one row each for the final linear layer)
+        ROWS["sos_rows"],
+        key="sos_batch",
+        default=None,
+        help="b, samples per paper-mode shift, below the last layer's width (default 32 for digits, 64 for "
+        "fashion-mnist, else 300)",
+    ),
+    replace(
+        ROWS["sos_images"],
+        key="sos_samples",
+        default=None,
+        optional=True,
+        help="guarded mode: samples captured per shift (default 2048)",
+    ),
 )
 
 # Defaults per dataset where TrainConfig's (the paper's CIFAR setting: resnet18, lr 0.1, 200 epochs) do not suit it.
@@ -85,13 +99,6 @@ def _common_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     add_options(p, CLASSIFY_SHIFT_OPTIONS)
-    p.add_argument(
-        "--sos-batch",
-        type=int,
-        help="b, samples per paper-mode shift, below the last layer's width (default 32 for digits, 64 for "
-        "fashion-mnist, else 300)",
-    )
-    p.add_argument("--sos-samples", type=int, help="guarded mode: samples captured per shift (default 2048)")
     p.add_argument("--train-subset", type=int, help="use this many training samples")
     p.add_argument("--test-subset", type=int, help="use this many test samples")
 
@@ -103,7 +110,7 @@ def _train_flags(ct: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         help="shift during training; off by default here (Algorithm 1 is opt-in), on by default in sos-detect train",
     )
-    ct.add_argument("--sos-every", type=int, help="shift every N epochs (default 1)")
+    add_options(ct, (replace(ROWS["sos_every"], default=None, optional=True),))
     ct.add_argument("--epochs", type=int, help="epochs (default 30 for digits and fashion-mnist, else 200)")
     ct.add_argument("--lr", type=float, help="learning rate (default 0.05 for fashion-mnist, else 0.1)")
     ct.add_argument("--weight-decay", type=float, help="weight decay (default 5e-4)")
