@@ -307,9 +307,7 @@ class SOSTrainerMixin:
         if not self.args.sos_heldout_images or RANK not in {-1, 0}:
             return {}
         if self._val_set is None:
-            stride = max(int(unwrap_model(self.model).stride.max()), 32)
-            with self._plain_args():
-                self._val_set = build_capture_set(self.args, self.data, stride, self.batch_size, split="val")
+            self._val_set = self._letterboxed("val")
         batches = self._val_set.sample(self.args.sos_heldout_images, self.args.seed)
         probes = {}
         for target, net in nets.items():
@@ -390,11 +388,15 @@ class SOSTrainerMixin:
     def _capture_sample(self, images: int, seed_offset: int) -> list[dict[str, Any]]:
         """This rank's share of `images` letterboxed training images, seeded by args.seed + seed_offset."""
         if self._capture_set is None:
-            stride = max(int(unwrap_model(self.model).stride.max()), 32)
-            with self._plain_args():
-                self._capture_set = build_capture_set(self.args, self.data, stride, self.batch_size)
+            self._capture_set = self._letterboxed("train")
         world = max(self.world_size, 1)
         return self._capture_set.sample(images, self.args.seed + seed_offset, max(RANK, 0), world)
+
+    def _letterboxed(self, split: str) -> CaptureSet:
+        """The data split's images letterboxed at imgsz without augmentation (capture, loss, Hessian, held-out)."""
+        stride = max(int(unwrap_model(self.model).stride.max()), 32)
+        with self._plain_args():
+            return build_capture_set(self.args, self.data, stride, self.batch_size, split=split)
 
     def _empty_row(self) -> dict[str, float]:
         """Every sos/ column at its no-shift value (NaN: not measured this epoch)."""
