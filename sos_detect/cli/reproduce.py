@@ -9,6 +9,7 @@ from typing import Any
 
 from sos_detect.cli.arguments import BATCH, EPOCHS, IMGSZ, add_options, command
 from sos_detect.core.options import MAX_IMGSZ, between
+from sos_detect.reproduce.ab_presets import PRESETS
 
 OVERRIDES = {
     row.key: replace(row, default=None, optional=True, help=f"override the preset's {row.help}")
@@ -85,7 +86,7 @@ def _ab_parser(rsub: argparse._SubParsersAction) -> None:
     ab.add_argument(
         "--preset",
         default=None,
-        help="synth-scratch, synth-finetune (the fashion-det study on CPU) or synth-scratch-gpu",
+        help=f"one of {', '.join(PRESETS)} (fashion-det studies on CPU; the last one on a GPU)",
     )
     ab.add_argument("--data", default=None, help="data YAML (overrides the preset's)")
     ab.add_argument("--models", default=None, help="comma-separated models, e.g. yolov5n,yolov8n (default yolov5n)")
