@@ -4,6 +4,7 @@ plain Ultralytics resume, the shift order of Algorithm 1 and the EMA policies.""
 
 import csv
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import torch
 import yaml
 from conftest import TINY, run_cli, tiny_train
 from ultralytics import YOLO
+from ultralytics.utils import LOGGER
 from ultralytics.utils.patches import torch_load
 
 from sos_detect.cli import main
@@ -119,6 +121,17 @@ def test_autobatch_values_pass_through_to_ultralytics(batch, tmp_path, capsys):
     assert "--batch 1.5: must be a whole number >= 1, -1, or a fraction in (0, 1)" in capsys.readouterr().err
 
 
+class Said(logging.Handler):
+    """The lines Ultralytics' LOGGER says."""
+
+    def __init__(self):
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
 class FreezeProbe(SOSDetectionTrainer):
     def _setup_train(self):
         super()._setup_train()  # applies freeze=
@@ -127,13 +140,20 @@ class FreezeProbe(SOSDetectionTrainer):
 
 def test_frozen_head_convs_are_not_shifted(tmp_path):
     """freeze=['24.cv3'] freezes the cls branch of YOLOv5n's head: its output convs end bit-identical (never stepped,
-    never shifted), the box convs are shifted, and every log entry names what was skipped."""
+    never shifted), the box convs are shifted, every log entry names what was skipped, and the console says it once
+    (not at every shift)."""
     model = YOLO("yolov5n.yaml")
-    settings = {**TINY, "epochs": 1, "imgsz": 64, "sos_start": 0, "sos_images": 8, "freeze": ["24.cv3"]}
-    model.train(trainer=FreezeProbe, project=str(tmp_path), name="f", **settings)
+    settings = {**TINY, "epochs": 2, "imgsz": 64, "sos_start": 0, "sos_images": 8, "freeze": ["24.cv3"]}
+    said = Said()
+    LOGGER.addHandler(said)
+    try:
+        model.train(trainer=FreezeProbe, project=str(tmp_path), name="f", **settings)
+    finally:
+        LOGGER.removeHandler(said)
     trainer = model.trainer
     log = log_of(tmp_path / "f")
-    assert log and all(e["frozen"] == ["cls.0", "cls.1", "cls.2"] for e in log)
+    assert {e["epoch"] for e in log} == {1, 2} and all(e["frozen"] == ["cls.0", "cls.1", "cls.2"] for e in log)
+    assert said.lines.count("SOS: cls.0, cls.1, cls.2 not shifted: frozen (freeze=['24.cv3'])") == 1
     assert all(layer["name"].startswith("box.") for e in log for layer in e["layers"])
     end = detect_head_layers(trainer.model)
     assert all(torch.equal(end[n].weight, trainer.start[n]) for n in ("cls.0", "cls.1", "cls.2"))

@@ -152,10 +152,13 @@ class SOSTrainerMixin:
         return model
 
     def build_optimizer(self, *args, **kwargs):
-        """Ultralytics' optimiser, refused at the start when SOS does not know how to map its state in a shift."""
+        """Ultralytics' optimiser, refused at the start when SOS does not know how to map its state in a shift; the
+        head convs freeze= keeps out of every shift are said here, once (Ultralytics has applied freeze= by now)."""
         optimizer = super().build_optimizer(*args, **kwargs)
         if self.args.sos:
             first_moments(optimizer)
+            if self._frozen:
+                LOGGER.info(f"SOS: {', '.join(self._frozen)} not shifted: frozen (freeze={self.args.freeze})")
         return optimizer
 
     def get_validator(self):
@@ -370,8 +373,6 @@ class SOSTrainerMixin:
         for entry in self._pending:  # each layer's change on validation images (sos_heldout_images)
             for layer in entry["layers"]:
                 layer["heldout_change"] = heldout.get(entry["target"], {}).get(layer["name"])
-        if frozen:
-            LOGGER.info(f"SOS: {', '.join(frozen)} not shifted: frozen (freeze={self.args.freeze})")
         for target, report in reports.items():
             count, kind = images[target]
             LOGGER.info(
