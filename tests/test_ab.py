@@ -17,6 +17,7 @@ import pytest
 from conftest import cli_main
 from scipy import stats
 from test_synthetic import digits_idx
+from ultralytics.utils.patches import torch_load
 
 from sos_detect.core.stats import sign_test, t_interval, t_quantile
 from sos_detect.detect.synthetic import SynthSpec, build_fashion_det
@@ -57,6 +58,19 @@ def _ab_cmd(data, out, extra=(), arms=ARMS, seeds=SEEDS):
 def _column(run_dir: Path, name: str) -> list[float]:
     rows = list(csv.DictReader((run_dir / "results.csv").read_text().splitlines()))
     return [float(r[k]) for r in rows for k in r if k.strip() == name]
+
+
+def _best_pt_metrics(run_dir: Path) -> dict[str, float]:
+    """results.csv's mAPs at the epoch best.pt says it holds, checked against the metrics stored in it."""
+    ckpt = torch_load(run_dir / "weights" / "best.pt", map_location="cpu")
+    values = {}
+    for key, column in (("best_map50", "metrics/mAP50(B)"), ("best_map5095", "metrics/mAP50-95(B)")):
+        values[key] = _column(run_dir, column)[ckpt["epoch"]]
+        assert values[key] == pytest.approx(ckpt["train_metrics"][column], abs=1e-5)  # results.csv rounds
+    return values
+
+
+KEYS = ("map50", "map5095", "best_map50", "best_map5095", "head_norm")
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +123,7 @@ def test_study_statistics_recomputed_from_the_runs(study):
             "map50": _column(out / "runs" / f"yolov5n_s{s}_{arm}", "metrics/mAP50(B)")[-1],
             "map5095": _column(out / "runs" / f"yolov5n_s{s}_{arm}", "metrics/mAP50-95(B)")[-1],
             "head_norm": _column(out / "runs" / f"yolov5n_s{s}_{arm}", "sos/head_norm")[-1],
+            **_best_pt_metrics(out / "runs" / f"yolov5n_s{s}_{arm}"),
         }
         for arm in ("base", "guarded")
         for s in SEEDS
@@ -116,12 +131,12 @@ def test_study_statistics_recomputed_from_the_runs(study):
     rows = list(csv.DictReader((out / "ab.csv").read_text().splitlines()))
     for arm in ("base", "guarded"):
         row = next(r for r in rows if r["row"] == arm)
-        for key in ("map50", "map5095", "head_norm"):
+        for key in KEYS:
             values = [final[arm, s][key] for s in SEEDS]
             assert float(row[f"{key}_mean"]) == pytest.approx(np.mean(values), rel=1e-9, abs=1e-12)
             assert float(row[f"{key}_std"]) == pytest.approx(np.std(values, ddof=1), rel=1e-6, abs=1e-12)
     t_ps = {}
-    for key in ("map50", "map5095", "head_norm"):
+    for key in KEYS:
         d = [final["guarded", s][key] - final["base", s][key] for s in SEEDS]
         row = next(r for r in rows if r["row"] == "guarded - base" and r["metric"] == key)
         assert float(row["mean"]) == pytest.approx(np.mean(d), rel=1e-9, abs=1e-12)
@@ -137,7 +152,7 @@ def test_study_statistics_recomputed_from_the_runs(study):
         # scipy's t-test; with no spread (equal differences) the test is decided: p = 1 at 0, else 0
         t_ps[key] = stats.ttest_1samp(d, 0.0).pvalue if np.std(d) > 0 else float(np.mean(d) == 0)
         assert float(row["t_p"]) == pytest.approx(t_ps[key], rel=1e-6)
-    # Holm across the study's arm × metric family (one arm here: the three metrics), as the procedure defines it
+    # Holm across the study's arm × metric family (one arm here: its five metrics), as the procedure defines it
     ranked = sorted(t_ps, key=t_ps.get)
     adjusted = {
         k: min(1.0, max((len(ranked) - j) * t_ps[ranked[j]] for j in range(i + 1))) for i, k in enumerate(ranked)

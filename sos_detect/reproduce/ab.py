@@ -20,7 +20,7 @@ from sos_detect.core.runs import write_csv
 from sos_detect.reproduce.ab_plots import plot_curves, plot_effects
 from sos_detect.reproduce.ab_presets import ABConfig, check_study
 from sos_detect.reproduce.ab_report import STATISTICS_NOTE, aggregate
-from sos_detect.reproduce.ab_runs import plan_runs, train_run
+from sos_detect.reproduce.ab_runs import best_epoch_metrics, plan_runs, train_run
 from sos_detect.reproduce.jobs import core_shares, run_tasks
 
 
@@ -35,7 +35,10 @@ def run_ab(cfg: ABConfig, out: str | Path, name: str = "ab", jobs: int = 1) -> l
     out.mkdir(parents=True, exist_ok=True)
     plan, tasks = plan_runs(cfg, out)
     records = run_tasks(train_run, tasks, jobs, out / "logs")
-    results = [{**where, **record} for where, record in zip(plan, records, strict=True)]
+    results = [
+        {**where, **record, **best_epoch_metrics(Path(where["run"]))}
+        for where, record in zip(plan, records, strict=True)
+    ]
     curves = plot_curves(cfg, results, out, name)
     rows, table = aggregate(results, list(cfg.arms), cfg.reference)
     write_csv(out / f"{name}.csv", rows)

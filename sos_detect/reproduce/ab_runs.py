@@ -164,6 +164,16 @@ def final_metrics(run_dir: Path, data_yaml: str) -> dict[str, Any]:
     return out
 
 
+def best_epoch_metrics(run_dir: Path) -> dict[str, float]:
+    """mAP50 and mAP50-95 of the epoch best.pt holds: Ultralytics' detection fitness is mAP50-95, and it rewrites
+    best.pt whenever an epoch equals the best so far, so the last epoch of the highest mAP50-95 (results.csv).
+    Chosen on the validation images it is measured on: optimistic, alike for every arm."""
+    cols = read_results(run_dir)
+    fitness = cols["metrics/mAP50-95(B)"]
+    i = max(range(len(fitness)), key=lambda j: (fitness[j], j))
+    return {"best_map50": cols["metrics/mAP50(B)"][i], "best_map5095": fitness[i]}
+
+
 def _voc07(run_dir: Path, data_yaml: str) -> float:
     """The VOC07 mAP of the run's last.pt on the validation images, NaN without a difficult-object sidecar."""
     import yaml
