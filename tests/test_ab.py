@@ -22,7 +22,15 @@ from ultralytics.utils.patches import torch_load
 from sos_detect.core.stats import sign_test, t_interval, t_quantile
 from sos_detect.detect.synthetic import SynthSpec, build_fashion_det
 from sos_detect.reproduce.ab import run_ab
-from sos_detect.reproduce.ab_presets import PRESETS, ABConfig, Pretrain, check_arms, parse_arm, parse_options
+from sos_detect.reproduce.ab_presets import (
+    PRESETS,
+    ABConfig,
+    Pretrain,
+    ab_config,
+    check_arms,
+    parse_arm,
+    parse_options,
+)
 from sos_detect.reproduce.ab_report import aggregate
 from sos_detect.reproduce.jobs import core_shares
 
@@ -338,6 +346,23 @@ def test_arm_values_read_as_yolo_reads_them():
     assert options == PRESETS["synth-scratch"].arms["paper-b32"]
     assert parse_options(["sos_tau=1e-3", "sos=False", "imgsz=160"]) == {"sos_tau": 1e-3, "sos": False, "imgsz": 160}
     check_arms(ABConfig(data="x.yaml", train={}, arms={"base": {"sos": False}, name: options}))
+
+
+def test_an_arm_left_out_by_arms_can_be_given_anew():
+    """The committed studies' paper arm ran in the end order with the EMA shifted on the model's Grams: `--arms`
+    leaving the preset's paper-b32 out and `--arm paper-b32:…` giving it those values reproduces them; an arm the
+    study keeps cannot be given twice."""
+    legacy = "paper-b32:sos_mode=paper,sos_rows=32,sos_max_change=None,sos_order=end,sos_ema=grams"
+    kept = ["base", "guarded-1e-4", "guarded-1e-3", "guarded-1e-2"]
+    cfg = ab_config("synth-finetune", data="mine.yaml", arms=kept, arm_specs=[legacy])
+    assert list(cfg.arms) == [*kept, "paper-b32"]
+    assert cfg.arms["paper-b32"] == {
+        **PRESETS["synth-finetune"].arms["paper-b32"],
+        "sos_order": "end",
+        "sos_ema": "grams",
+    }
+    with pytest.raises(ValueError, match="already an arm"):
+        ab_config("synth-finetune", data="mine.yaml", arm_specs=[legacy])
 
 
 def test_a_preset_on_data_too_small_for_its_slices_is_refused_before_anything_is_written(tmp_path, tiny_data, capsys):

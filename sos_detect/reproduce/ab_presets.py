@@ -173,7 +173,7 @@ def ab_config(
         cfg = PRESETS[preset]
     else:
         raise ValueError(f"--preset: unknown {preset!r}; choose from {sorted(PRESETS)}")
-    extra = parse_arms(arm_specs, list(cfg.arms))
+    extra = parse_arms(arm_specs, list(arms or cfg.arms))  # an arm --arms leaves out may be given anew
     cfg = with_overrides(cfg, data=data, models=models, seeds=seeds, arms=arms, extra_arms=extra, options=options)
     if weights:
         cfg = replace(cfg, weights={m: weights for m in cfg.models}, pretrain=None)
