@@ -3,7 +3,8 @@
 effect at 80 % power, paired t-test p, Holm-corrected across the file's comparisons) — for tables written before
 the harness reported MDE and Holm p.
 
-    python benchmarks/ab_power.py benchmarks/results/fashion_det_finetune/ab.csv [more CSVs: one family each]
+    python benchmarks/ab_power.py benchmarks/results/fashion_det_finetune/ab.csv [more CSVs: one family each] \
+        > benchmarks/results/ab_power.md
 """
 
 from __future__ import annotations
@@ -44,5 +45,12 @@ def power_table(path: Path) -> str:
     return f"## {path}\n\n" + markdown_table(["comparison", "metric", *SUMMARY_HEADER], body)
 
 
+HEADER = (
+    "# Paired summaries of the committed studies, recomputed from their tables\n\n"
+    "Command: `python benchmarks/ab_power.py {files} > benchmarks/results/ab_power.md` (each file one Holm family; "
+    "MDE = minimum detectable effect of a two-sided paired t-test at α = 0.05 with 80 % power, "
+    "≈ (t_{{0.975,n−1}} + t_{{0.8,n−1}})·sd/√n; mAP and top-1 in percentage points, head norm as logged)."
+)
+
 if __name__ == "__main__":
-    print("\n\n".join(power_table(Path(p)) for p in sys.argv[1:]))
+    print("\n\n".join([HEADER.format(files=" ".join(sys.argv[1:])), *(power_table(Path(p)) for p in sys.argv[1:])]))

@@ -200,6 +200,10 @@ class Steps(SOSDetectionTrainer):
         self.marks = getattr(self, "marks", []) + [("val", getattr(self, "steps", 0))]
         return super().validate()
 
+    def save_model(self):
+        self.marks = getattr(self, "marks", []) + [("save", getattr(self, "steps", 0))]
+        return super().save_model()
+
     def sos_shift(self, epoch, capture=None):
         self.marks = getattr(self, "marks", []) + [("shift", getattr(self, "steps", 0))]
         return super().sos_shift(epoch, capture)
@@ -219,19 +223,40 @@ def test_start_order_trains_a_full_epoch_after_the_last_shift(tmp_path):
     vals = [s for kind, s in trainer.marks if kind == "val"]
     assert shifts == [per_epoch, 2 * per_epoch]  # at the start of epochs 2 and 3, before they train
     assert vals[-1] - shifts[-1] == per_epoch  # the last validation follows a full epoch of training
+    # each shift after the previous epoch's validation and checkpoint (Algorithm 1: shift, then train the epoch)
+    assert [k for k, _ in trainer.marks] == ["val", "save", "shift", "val", "save", "shift", "val", "save"]
     end = YOLO("yolov5n.yaml")
     end.train(trainer=Steps, project=str(tmp_path), name="e", **{**settings, "sos_order": "end"})
     marks = end.trainer.marks
-    assert [k for k, _ in marks][-3:] == ["val", "shift", "val"]  # order end: the last validation right after a shift
+    assert [k for k, _ in marks][-4:] == ["save", "shift", "val", "save"]  # order end: validated right after a shift
+
+
+class EmaMoves(SOSDetectionTrainer):
+    """Records, per shift, whether the EMA's head weights changed across sos_shift."""
+
+    moved: dict[str, list[bool]] = {}
+
+    def sos_shift(self, epoch, capture=None):
+        before = {n: m.weight.detach().clone() for n, m in detect_head_layers(self.ema.ema).items()}
+        reports = super().sos_shift(epoch, capture)
+        after = detect_head_layers(self.ema.ema)
+        moved = any(not torch.equal(before[n], after[n].weight) for n in before)
+        EmaMoves.moved.setdefault(self.args.sos_ema, []).append(moved)
+        return reports
 
 
 def test_ema_policy_changes_only_the_ema(tmp_path):
-    runs = {p: tiny_train(tmp_path, p, epochs=1, imgsz=64, sos_start=0, sos_images=8, sos_ema=p)
+    """Over two shifts: "follow" leaves the EMA untouched by the shift (it changes only through its update) while
+    "own" and "grams" shift it; the model's shifts — hence its training — are the same under every policy."""
+    EmaMoves.moved.clear()
+    runs = {p: tiny_train(tmp_path, p, trainer=EmaMoves, epochs=2, imgsz=64, sos_start=0, sos_images=8, sos_ema=p)
             for p in ("own", "grams", "follow")}  # fmt: skip
+    assert EmaMoves.moved == {"own": [True, True], "grams": [True, True], "follow": [False, False]}
     logs = {p: log_of(r) for p, r in runs.items()}
-    assert [e["target"] for e in logs["follow"]] == ["model"]
-    model_entries = [next(e for e in logs[p] if e["target"] == "model") for p in runs]
-    assert model_entries[0]["layers"] == model_entries[1]["layers"] == model_entries[2]["layers"]
-    own, grams = (next(e for e in logs[p] if e["target"] == "ema") for p in ("own", "grams"))
+    assert [(e["epoch"], e["target"]) for e in logs["follow"]] == [(1, "model"), (2, "model")]
+    for epoch in (1, 2):
+        entries = [next(e for e in logs[p] if e["target"] == "model" and e["epoch"] == epoch) for p in runs]
+        assert entries[0]["layers"] == entries[1]["layers"] == entries[2]["layers"]
+    own, grams = (next(e for e in logs[p] if e["target"] == "ema" and e["epoch"] == 1) for p in ("own", "grams"))
     assert (own["capture"], own["images"]) == ("eval", 8) and grams["capture"] == "train"
     assert own["layers"] != grams["layers"]
