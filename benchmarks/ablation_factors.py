@@ -3,7 +3,8 @@
 The arms paper-ORDER-EMA-bB (order end/start × EMA policy grams/follow × b) each hold, per seed, their difference to
 the baseline arm. For a factor switched from level x to y, per seed: the mean over the other factors' levels of the
 arms at y minus those at x (the main effect, paired by seed); for two factors A and B: A's effect at each level of
-B (averaged over the third) and the difference of A's effect between two levels of B (the interaction). Each is
+B (averaged over the third) and the difference of A's effect between two levels of B (the interaction); and the
+order's effect in each (EMA, b) cell, unaveraged (with EMA = follow both orders train and validate alike). Each is
 summarised over seeds with `paired_summary` (95 % t-interval, MDE at 80 % power, t-test p Holm-corrected across the
 metric's contrasts). The variance shares decompose the between-arm sum of squares of the seed-mean differences
 (balanced design: main effects + two-way interactions + the three-way rest add up to it; seed noise included).
@@ -73,6 +74,9 @@ def contrasts(data: dict[Cell, dict[int, float]]) -> list[tuple[str, PairedSumma
             rows.append(
                 (f"{a} × {b}: ({y} − {x}) at {level} − at {first}", paired_summary(effect[level], effect[first]))
             )
+    for ema, b in itertools.product(FACTORS["EMA"], FACTORS["b"]):  # order in each cell: what recovery is worth
+        start, end = (marginal(data, order=o, EMA=ema, b=b) for o in FACTORS["order"][::-1])
+        rows.append((f"order: start vs end at EMA = {ema}, b = {b}", paired_summary(start, end)))
     return rows
 
 

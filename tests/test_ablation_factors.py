@@ -75,6 +75,8 @@ def test_effects_and_interactions_match_numpy(factors, tmp_path):
     _check(rows["order × b: (start − end) at 48 − at 32"], order_b[1] - order_b[0])
     ema_b = {b: d[:, :, 1, b].mean(axis=1) - d[:, :, 0, b].mean(axis=1) for b in range(3)}
     _check(rows["EMA × b: (follow − grams) at 60 − at 32"], ema_b[2] - ema_b[0])
+    _check(rows["order: start vs end at EMA = grams, b = 48"], d[:, 1, 0, 1] - d[:, 0, 0, 1])
+    _check(rows["order: start vs end at EMA = follow, b = 60"], d[:, 1, 1, 2] - d[:, 0, 1, 2])
     # the built-in order effect: +2 points, plus the order × EMA (+0.3) and order × b (−0.3) terms averaged
     assert rows["order: start vs end"].mean == pytest.approx(0.02 + 0.003 - 0.003, abs=0.006)
 
