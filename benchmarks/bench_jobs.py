@@ -23,6 +23,10 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sos_detect.reproduce.jobs import core_shares  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 STUDIES = {  # name → (the command's arguments, the table it writes)
     "detect": (["reproduce", "ab", "--preset", "synth-scratch", "--seeds", "0", "--epochs", "2"], "ab.csv"),
@@ -55,6 +59,10 @@ def main() -> None:
     unknown = set(a.studies.split(",")) - set(STUDIES)
     if unknown:
         parser.error(f"--studies: unknown {', '.join(sorted(unknown))}; choose from {', '.join(STUDIES)}")
+    try:
+        core_shares(a.jobs)  # before the sequential runs, not after them
+    except ValueError as err:
+        parser.error(str(err))
     cores = len(os.sched_getaffinity(0))
     report: dict = {"cores": cores, "jobs": a.jobs, "studies": {}}
     print(f"{cores} cores; sequential (default = {cores} threads, and 1 thread) vs --jobs {a.jobs}\n")
