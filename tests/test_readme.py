@@ -76,12 +76,14 @@ COMMANDS: dict[str, tuple[str, object]] = {
         "error",
         "",
     ),
-    "sos-detect reproduce ab --preset synth-finetune-ablation --seeds 0,1,2 "
-    "--out benchmarks/results/fashion_det_ablation": (
+    "sos-detect reproduce ab --preset synth-finetune-ablation --jobs 2 --out benchmarks/results/fashion_det_ablation": (
         "error",
         "",
     ),
-    "sos-detect reproduce ab --preset synth-overfit --out benchmarks/results/fashion_det_overfit": ("error", ""),
+    "sos-detect reproduce ab --preset synth-overfit --jobs 2 --out benchmarks/results/fashion_det_overfit": (
+        "error",
+        "",
+    ),
 }
 
 
