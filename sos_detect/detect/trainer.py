@@ -157,8 +157,9 @@ class SOSTrainerMixin:
         optimizer = super().build_optimizer(*args, **kwargs)
         if self.args.sos:
             first_moments(optimizer)
-            if self._frozen:
-                LOGGER.info(f"SOS: {', '.join(self._frozen)} not shifted: frozen (freeze={self.args.freeze})")
+            frozen = self._frozen
+            if frozen:
+                LOGGER.info(f"SOS: {', '.join(frozen)} not shifted: frozen (freeze={self.args.freeze})")
         return optimizer
 
     def get_validator(self):
